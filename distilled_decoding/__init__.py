@@ -1,0 +1,78 @@
+"""distilled-decoding: turn pretrained image autoregressive models into one- or two-step generators.
+
+The public API is re-exported here. Submodules are imported lazily so that ``import distilled_decoding``
+and the command line start fast (diffusers alone takes seconds to import).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # teachers and tokenizers
+    "LlamaGen": "distilled_decoding.teachers.llamagen",
+    "LLAMAGEN_PRESETS": "distilled_decoding.teachers.llamagen",
+    "VAR": "distilled_decoding.teachers.var",
+    "VQTokenizer": "distilled_decoding.tokenizers.vq",
+    "MultiScaleVQVAE": "distilled_decoding.tokenizers.msvq",
+    # checkpoints
+    "CheckpointError": "distilled_decoding.checkpoints",
+    "load_state_dict_file": "distilled_decoding.checkpoints",
+    # sampling
+    "sample_tokens": "distilled_decoding.sampling",
+    "MultinomialChooser": "distilled_decoding.sampling",
+    "FlowChooser": "distilled_decoding.sampling",
+    # flow map
+    "noise_to_tokens": "distilled_decoding.flow",
+    # trajectories
+    "build_trajectories": "distilled_decoding.trajectories",
+    "TrajectoryDataset": "distilled_decoding.trajectories",
+    # students and pipeline
+    "DDStudent": "distilled_decoding.student",
+    "DistilledDecodingPipeline": "distilled_decoding.pipeline",
+}
+_SUBMODULES = {"flow", "sampling", "checkpoints", "trajectories", "student", "pipeline", "metrics", "bench"}
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        module = importlib.import_module(f"distilled_decoding.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'distilled_decoding' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from distilled_decoding import (
+        bench,
+        checkpoints,
+        flow,
+        metrics,
+        pipeline,
+        sampling,
+        student,
+        trajectories,
+    )
+    from distilled_decoding.checkpoints import CheckpointError, load_state_dict_file
+    from distilled_decoding.flow import noise_to_tokens
+    from distilled_decoding.pipeline import DistilledDecodingPipeline
+    from distilled_decoding.sampling import FlowChooser, MultinomialChooser, sample_tokens
+    from distilled_decoding.student import DDStudent
+    from distilled_decoding.teachers.llamagen import LLAMAGEN_PRESETS, LlamaGen
+    from distilled_decoding.teachers.var import VAR
+    from distilled_decoding.tokenizers.msvq import MultiScaleVQVAE
+    from distilled_decoding.tokenizers.vq import VQTokenizer
+    from distilled_decoding.trajectories import TrajectoryDataset, build_trajectories

@@ -1,0 +1,201 @@
+"""The one KV-cache autoregressive sampling loop, shared by every teacher, and its token choosers.
+
+A teacher implements the *decoding protocol*:
+
+* ``decode_groups() -> list[(start, end)]``: the token positions produced by each decoding step
+  (LlamaGen: one position per step; VAR: one scale per step; PAR: k positions per step);
+* ``guidance_scales(cfg_scale, cfg_interval) -> list[float] | None``: the CFG scale of each step, or None
+  for no guidance (the batch is then not doubled);
+* ``begin(class_labels, prefix) -> (state, logits)``: allocate the (static) cache, prefill the class token
+  and an optional prefix of whole steps, and return the logits (B, n, V) of the next step;
+* ``advance(state, tokens) -> logits``: feed the tokens (B, n) chosen at the current step and return the
+  logits of the next one;
+* ``null_class``, ``num_classes``, ``vocab_size``, ``seq_len``, ``check_labels``, ``check_tokens``.
+
+The loop combines guidance (``uncond + (cond − uncond)·s`` on fp32 logits), temperature, top-k and top-p,
+then hands the logits to a *token chooser*: :class:`MultinomialChooser` (ordinary sampling with a seeded
+``torch.Generator``), :class:`GreedyChooser`, or :class:`FlowChooser` (the deterministic flow map of
+Distilled Decoding: noise → token).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+__all__ = [
+    "TokenChooser",
+    "MultinomialChooser",
+    "GreedyChooser",
+    "FlowChooser",
+    "filter_logits",
+    "sample_tokens",
+    "validate_sampling_args",
+]
+
+
+class TokenChooser(Protocol):
+    def __call__(self, logits: Tensor, positions: slice) -> Tensor:
+        """logits (B, n, V) float32, already guided, tempered and filtered (−inf = excluded) for the token
+        positions ``positions`` of the sequence → chosen token ids (B, n) long."""
+
+
+class MultinomialChooser:
+    """Draw each token from softmax(logits) with ``generator`` (the global RNG when None)."""
+
+    def __init__(self, generator: torch.Generator | None = None):
+        self.generator = generator
+
+    def __call__(self, logits: Tensor, positions: slice) -> Tensor:
+        b, n, v = logits.shape
+        probs = torch.softmax(logits, dim=-1).view(b * n, v)
+        return torch.multinomial(probs, 1, generator=self.generator).view(b, n)
+
+
+class GreedyChooser:
+    """The most likely token (``sample_logits=False`` in the official sampler)."""
+
+    def __call__(self, logits: Tensor, positions: slice) -> Tensor:
+        return logits.argmax(dim=-1)
+
+
+class FlowChooser:
+    """Distilled Decoding's token chooser: token i is the flow map of noise[:, i] under the teacher's p_i.
+
+    ``noise`` (B, N, D) standard normal, ``codebook`` (V, D) (the tokenizer's vectors, l2-normalised for
+    LlamaGen VQ). Extra keyword arguments go to :func:`distilled_decoding.flow.noise_to_tokens`.
+    """
+
+    def __init__(self, noise: Tensor, codebook: Tensor, **flow_kwargs: Any):
+        if noise.ndim != 3 or noise.shape[-1] != codebook.shape[-1]:
+            raise ValueError(
+                f"noise: expected shape (B, N, {codebook.shape[-1]}) matching the codebook dimension, "
+                f"got {tuple(noise.shape)}"
+            )
+        self.noise, self.codebook, self.flow_kwargs = noise, codebook, flow_kwargs
+
+    def __call__(self, logits: Tensor, positions: slice) -> Tensor:
+        from distilled_decoding.flow import noise_to_tokens
+
+        eps = self.noise[:, positions].to(device=logits.device, dtype=torch.float32)
+        return noise_to_tokens(eps, logits, self.codebook.to(logits.device), **self.flow_kwargs)
+
+
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Top-k then top-p (nucleus) filtering over the last dim, as the official LlamaGen sampler does
+    (HF v3.2 semantics: ties at the k-th value are kept; the first token past ``top_p`` is kept).
+    Returns a new tensor with excluded entries set to −inf."""
+    v = logits.shape[-1]
+    if top_k > 0 and top_k < v:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+        remove = cum > top_p
+        remove[..., 1:] = remove[..., :-1].clone()
+        remove[..., 0] = False
+        logits = logits.masked_fill(remove.scatter(-1, sorted_idx, remove), float("-inf"))
+    return logits
+
+
+def validate_sampling_args(
+    *, cfg_scale: float, temperature: float, top_k: int, top_p: float, vocab_size: int | None = None
+) -> None:
+    """Raise ValueError naming the first invalid sampling argument."""
+    if not isinstance(cfg_scale, (int, float)) or cfg_scale < 0:
+        raise ValueError(f"cfg_scale={cfg_scale!r}: expected a number >= 0")
+    if not isinstance(temperature, (int, float)) or temperature <= 0:
+        raise ValueError(f"temperature={temperature!r}: expected a number > 0")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k={top_k!r}: expected an integer >= 0 (0 disables top-k)")
+    if not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p!r}: expected a number in (0, 1] (1 disables top-p)")
+
+
+def _guide(logits: Tensor, scale: float, batch: int) -> Tensor:
+    cond, uncond = logits[:batch], logits[batch:]
+    if scale == 1.0:
+        return cond
+    return uncond + (cond - uncond) * scale
+
+
+@torch.no_grad()
+def sample_tokens(
+    teacher: Any,
+    class_labels: Tensor,
+    *,
+    chooser: TokenChooser | None = None,
+    generator: torch.Generator | None = None,
+    cfg_scale: float = 1.0,
+    cfg_interval: int = -1,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    prefix: Tensor | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Autoregressive decoding with a static KV cache. Returns tokens (B, N) long (N = teacher.seq_len).
+
+    Args:
+        teacher: a model implementing the decoding protocol (LlamaGen, VAR, PAR).
+        class_labels: (B,) long class ids in [0, num_classes).
+        chooser: token chooser; default :class:`MultinomialChooser` with ``generator``.
+        cfg_scale, cfg_interval: classifier-free guidance (semantics of the teacher's official sampler).
+        temperature, top_k, top_p: applied after guidance, in this order (official order).
+        prefix: (B, T) long tokens to continue from; T must end a decoding step (any T for LlamaGen, a scale
+            boundary for VAR). The result starts with the prefix.
+        progress: show a tqdm bar over decoding steps.
+    """
+    validate_sampling_args(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+    b = class_labels.shape[0] if isinstance(class_labels, Tensor) and class_labels.ndim == 1 else -1
+    teacher.check_labels(class_labels, b)
+    groups = teacher.decode_groups()
+    n_tokens = teacher.seq_len
+    t0 = 0
+    if prefix is not None:
+        teacher.check_tokens(prefix, "prefix", max_len=n_tokens)
+        if prefix.shape[0] != b:
+            raise ValueError(f"prefix: expected batch size {b} (as class_labels), got {prefix.shape[0]}")
+        t0 = prefix.shape[1]
+        starts = [g[0] for g in groups] + [n_tokens]
+        if t0 not in starts:
+            raise ValueError(
+                f"prefix: length {t0} does not end a decoding step; expected one of {starts[:12]}"
+                + (" ..." if len(starts) > 12 else "")
+            )
+    scales = teacher.guidance_scales(cfg_scale, cfg_interval)
+    labels = class_labels
+    if scales is not None:
+        if teacher.null_class is None:
+            raise ValueError(
+                "cfg_scale: this teacher has no null class (class_dropout_prob was 0); use cfg_scale=1"
+            )
+        labels = torch.cat([class_labels, torch.full_like(class_labels, teacher.null_class)])
+    chooser = chooser if chooser is not None else MultinomialChooser(generator)
+    out = torch.empty(b, n_tokens, dtype=torch.long, device=class_labels.device)
+    if prefix is not None:
+        out[:, :t0] = prefix
+    if t0 == n_tokens:
+        return out
+    pre = prefix if prefix is None or scales is None else torch.cat([prefix, prefix])
+    state, logits = teacher.begin(labels, pre)
+    first = next(i for i, g in enumerate(groups) if g[0] == t0)
+    steps = range(first, len(groups))
+    for g in tqdm(steps, desc="decoding", leave=False, disable=not progress):
+        start, end = groups[g]
+        if scales is not None:
+            logits = _guide(logits, scales[g], b)
+        if temperature != 1.0:
+            logits = logits / max(temperature, 1e-5)
+        if top_k > 0 or top_p < 1.0:
+            logits = filter_logits(logits, top_k, top_p)
+        tok = chooser(logits, slice(start, end))
+        out[:, start:end] = tok
+        if g + 1 < len(groups):
+            logits = teacher.advance(state, tok if scales is None else torch.cat([tok, tok]))
+    return out

@@ -1,0 +1,1 @@
+"""Teacher AR models: LlamaGen (raster order), VAR (next-scale)."""

@@ -1,0 +1,1 @@
+"""Image tokenizers: LlamaGen VQ-8/16 and VAR's multi-scale VQVAE."""

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random-weight models that build in milliseconds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TINY_GPT = dict(
+    dim=64,
+    n_layer=2,
+    n_head=4,
+    multiple_of=32,
+    vocab_size=64,
+    num_classes=10,
+    block_size=16,
+    token_dropout_p=0.0,
+    resid_dropout_p=0.0,
+    ffn_dropout_p=0.0,
+)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.08) -> torch.nn.Module:
+    """Give every parameter non-trivial random values (official init zeroes the output head)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * (scale if p.ndim > 1 else 0.3)
+            p.copy_(noise + (1.0 if name.endswith("norm.weight") else 0.0))
+    return model
+
+
+@pytest.fixture()
+def tiny_gpt():
+    from distilled_decoding import LlamaGen
+
+    return randomize_(LlamaGen(**TINY_GPT)).eval()
