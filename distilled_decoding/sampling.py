@@ -137,6 +137,7 @@ def sample_tokens(
     top_k: int = 0,
     top_p: float = 1.0,
     prefix: Tensor | None = None,
+    stop: int | None = None,
     progress: bool = False,
 ) -> Tensor:
     """Autoregressive decoding with a static KV cache. Returns tokens (B, N) long (N = teacher.seq_len).
@@ -149,6 +150,7 @@ def sample_tokens(
         temperature, top_k, top_p: applied after guidance, in this order (official order).
         prefix: (B, T) long tokens to continue from; T must end a decoding step (any T for LlamaGen, a scale
             boundary for VAR). The result starts with the prefix.
+        stop: decode only the positions < stop (a step boundary; default N). Returns (B, stop) then.
         progress: show a tqdm bar over decoding steps.
     """
     validate_sampling_args(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -157,35 +159,34 @@ def sample_tokens(
     groups = teacher.decode_groups()
     n_tokens = teacher.seq_len
     t0 = 0
+    starts = [g[0] for g in groups] + [n_tokens]
     if prefix is not None:
         teacher.check_tokens(prefix, "prefix", max_len=n_tokens)
         if prefix.shape[0] != b:
             raise ValueError(f"prefix: expected batch size {b} (as class_labels), got {prefix.shape[0]}")
         t0 = prefix.shape[1]
-        starts = [g[0] for g in groups] + [n_tokens]
         if t0 not in starts:
-            raise ValueError(
-                f"prefix: length {t0} does not end a decoding step; expected one of {starts[:12]}"
-                + (" ..." if len(starts) > 12 else "")
-            )
+            raise ValueError(f"prefix: length {t0} does not end a decoding step; expected one of {_few(starts)}")
+    stop = n_tokens if stop is None else stop
+    if stop not in starts or stop < t0:
+        raise ValueError(f"stop={stop}: expected a decoding-step boundary >= the prefix length {t0}: {_few(starts)}")
     scales = teacher.guidance_scales(cfg_scale, cfg_interval)
     labels = class_labels
     if scales is not None:
         if teacher.null_class is None:
-            raise ValueError(
-                "cfg_scale: this teacher has no null class (class_dropout_prob was 0); use cfg_scale=1"
-            )
+            raise ValueError("cfg_scale: this teacher has no null class (class_dropout_prob was 0); use cfg_scale=1")
         labels = torch.cat([class_labels, torch.full_like(class_labels, teacher.null_class)])
     chooser = chooser if chooser is not None else MultinomialChooser(generator)
-    out = torch.empty(b, n_tokens, dtype=torch.long, device=class_labels.device)
+    out = torch.empty(b, stop, dtype=torch.long, device=class_labels.device)
     if prefix is not None:
         out[:, :t0] = prefix
-    if t0 == n_tokens:
+    if t0 == stop:
         return out
     pre = prefix if prefix is None or scales is None else torch.cat([prefix, prefix])
     state, logits = teacher.begin(labels, pre)
     first = next(i for i, g in enumerate(groups) if g[0] == t0)
-    steps = range(first, len(groups))
+    last = next(i for i, g in enumerate(groups) if g[1] == stop)
+    steps = range(first, last + 1)
     for g in tqdm(steps, desc="decoding", leave=False, disable=not progress):
         start, end = groups[g]
         if scales is not None:
@@ -196,6 +197,10 @@ def sample_tokens(
             logits = filter_logits(logits, top_k, top_p)
         tok = chooser(logits, slice(start, end))
         out[:, start:end] = tok
-        if g + 1 < len(groups):
+        if g < last:
             logits = teacher.advance(state, tok if scales is None else torch.cat([tok, tok]))
     return out
+
+
+def _few(values: list[int]) -> str:
+    return str(values[:12])[:-1] + (", ...]" if len(values) > 12 else "]")

@@ -52,6 +52,8 @@ def test_prefix_continuation(tiny_gpt):
     for t in (1, 7, 15, 16):
         cont = sample_tokens(tiny_gpt, labels, chooser=GreedyChooser(), cfg_scale=1.5, prefix=full[:, :t])
         assert torch.equal(cont, full)
+    head = sample_tokens(tiny_gpt, labels, chooser=GreedyChooser(), cfg_scale=1.5, prefix=full[:, :3], stop=9)
+    assert torch.equal(head, full[:, :9])
     forced = full[:, :5].clone()
     forced[:, 4] = (forced[:, 4] + 1) % 64  # a different prefix changes the continuation's conditioning
     cont = sample_tokens(tiny_gpt, labels, chooser=GreedyChooser(), cfg_scale=1.5, prefix=forced)
@@ -102,6 +104,8 @@ def test_errors(tiny_gpt):
         sample_tokens(tiny_gpt, labels, prefix=torch.zeros(3, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="block_size=16"):
         sample_tokens(tiny_gpt, labels, prefix=torch.zeros(2, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="stop=2: expected a decoding-step boundary >= the prefix length 3"):
+        sample_tokens(tiny_gpt, labels, prefix=torch.zeros(2, 3, dtype=torch.long), stop=2)
 
 
 def test_cfg_without_null_row_is_refused():

@@ -1,0 +1,297 @@
+"""``DistilledDecodingPipeline``: a distilled student plus its tokenizer's decoder, as a diffusers pipeline.
+
+::
+
+    dd = DistilledDecodingPipeline.from_pretrained(repo_id_or_dir)
+    images = dd.generate(noise, class_labels, steps=1)           # (B, 3, H, W) float in [0, 1]
+    images = dd.generate(noise, class_labels, steps=2)
+    images = dd.generate(noise, class_labels, steps=2, teacher=gpt, teacher_tokens=(60, 80))   # refined
+    out = dd(class_labels=[3, 7], num_inference_steps=1, generator=g)   # ImagePipelineOutput, .images = PIL
+
+Teacher-refined sampling: one student step from pure noise, keep its first T tokens, let the teacher regenerate
+tokens T..t₂−1 through the flow map *with the same noise* (so the image stays a deterministic function of the
+noise; ``teacher_sampling="random"`` reproduces the official variant, which samples those tokens at random),
+then one student step at t₂. Steps: 1 + (t₂ − T) + 1 (no first step when T = 0).
+
+Saved with ``save_pretrained`` as ``model_index.json`` + ``student/`` + ``tokenizer/`` (safetensors only) and a
+generated model card; ``from_pretrained`` takes a folder or a Hub repo id (offline from the HF cache too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from torch import Tensor
+
+__all__ = ["DistilledDecodingPipeline"]
+
+
+class DistilledDecodingPipeline(DiffusionPipeline):
+    """Components: ``student`` (:class:`~distilled_decoding.student.DDStudent`) and ``tokenizer`` (the teacher's
+    image tokenizer, e.g. :class:`~distilled_decoding.tokenizers.vq.VQTokenizer`; only its decoder is used).
+
+    ``info`` (saved in ``model_index.json``): provenance shown in the model card — the teacher's identity and
+    sampling settings (used by teacher-refined sampling), the trajectory settings and measured metrics.
+    """
+
+    model_cpu_offload_seq = "student->tokenizer"
+
+    def __init__(self, student: Any, tokenizer: Any, info: dict | None = None):
+        super().__init__()
+        self.register_modules(student=student, tokenizer=tokenizer)
+        self.register_to_config(info=info or {})
+        if student is not None and tokenizer is not None:
+            self._check_components()
+
+    def _check_components(self) -> None:
+        cb_student, cb_tok = self.student.codebook, self.tokenizer.codebook
+        if tuple(cb_student.shape) != tuple(cb_tok.shape) or not torch.allclose(
+            cb_student.float().cpu(), cb_tok.float().cpu(), atol=1e-6
+        ):
+            raise ValueError(
+                f"tokenizer: its codebook {tuple(cb_tok.shape)} differs from the one the student was trained with "
+                f"{tuple(cb_student.shape)}"
+            )
+
+    # -- properties ---------------------------------------------------------------------------------------------
+    @property
+    def info(self) -> dict:
+        return dict(self.config.get("info") or {})
+
+    @property
+    def noise_shape(self) -> tuple[int, int]:
+        """(N, D): tokens per image and codebook dimension of the student's input noise."""
+        return (self.student.seq_len, int(self.student.config.codebook_dim))
+
+    # -- sampling ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        noise: Tensor,
+        class_labels: Tensor | Sequence[int],
+        steps: int = 1,
+        *,
+        teacher: Any = None,
+        teacher_tokens: tuple[int, int] | None = None,
+        teacher_sampling: str = "flow",
+        generator: torch.Generator | None = None,
+        return_tokens: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """noise (B, N, D) standard normal, class_labels (B,) → images (B, 3, H, W) float in [0, 1].
+
+        ``steps=1`` samples at t = 0; ``steps=2`` at the student's timesteps (e.g. (0, 80)). With ``teacher`` and
+        ``teacher_tokens=(T, t2)`` the teacher regenerates tokens T..t2−1 between the two student steps
+        (``teacher_sampling="flow"``: through the flow map with the same noise; ``"random"``: multinomial with
+        ``generator``). ``return_tokens=True`` also returns the final tokens (B, N).
+        """
+        student = self.student
+        device = student.codebook.device
+        labels = torch.as_tensor(class_labels, device=device)
+        if labels.dtype.is_floating_point:
+            raise ValueError(f"class_labels: expected integer class ids, got dtype {labels.dtype}")
+        student.check_inputs(noise, labels.long())
+        noise, labels = noise.to(device=device, dtype=student.codebook.dtype), labels.long()
+        timesteps = list(student.config.timesteps)
+        if teacher is None and teacher_tokens is not None:
+            raise ValueError("teacher_tokens: given without a teacher; pass teacher= as well")
+        if teacher is not None:
+            vectors, tokens = self._refined(noise, labels, teacher, teacher_tokens, teacher_sampling, generator)
+        else:
+            if steps not in (1, len(timesteps)) or steps < 1:
+                raise ValueError(
+                    f"steps={steps!r}: this student supports 1 or {len(timesteps)} steps (timesteps {timesteps}); "
+                    "for more, use teacher refinement (teacher=..., teacher_tokens=(T, t2))"
+                )
+            vectors, tokens = student.sample(noise, labels, timesteps[:1] if steps == 1 else timesteps)
+        images = self.decode(vectors)
+        return (images, tokens) if return_tokens else images
+
+    def _refined(self, noise, labels, teacher, teacher_tokens, how, generator) -> tuple[Tensor, Tensor]:
+        from distilled_decoding.sampling import FlowChooser, MultinomialChooser, sample_tokens
+        from distilled_decoding.student import perturb
+
+        student = self.student
+        timesteps = list(student.config.timesteps)
+        if teacher_tokens is None:
+            teacher_tokens = (0, timesteps[-1])
+        start, t2 = (int(v) for v in teacher_tokens)
+        if t2 not in timesteps[1:] or not 0 <= start <= t2:
+            raise ValueError(
+                f"teacher_tokens={teacher_tokens!r}: expected (T, t2) with t2 one of the student's trained timesteps "
+                f"{timesteps[1:]} and 0 <= T <= t2"
+            )
+        b = noise.shape[0]
+        p_start, p2 = (int(v) for v in student.data_positions(torch.tensor([start, t2], device=noise.device)))
+        if how not in ("flow", "random"):
+            raise ValueError(f"teacher_sampling={how!r}: expected 'flow' or 'random'")
+        self._check_teacher(teacher)
+        sampling = dict(self.info.get("teacher_sampling") or {})
+        flow_kwargs = dict(self.info.get("flow") or {})
+        prefix = None
+        if start > 0:
+            _, tok0 = student.predict(noise, labels, torch.zeros(b, dtype=torch.long, device=noise.device))
+            prefix = tok0[:, :p_start]
+        chooser = (
+            FlowChooser(noise, student.codebook, **flow_kwargs) if how == "flow" else MultinomialChooser(generator)
+        )
+        head = sample_tokens(teacher, labels, chooser=chooser, prefix=prefix, stop=p2, **sampling)
+        x = torch.cat([student.codebook[head], noise[:, p2:]], dim=1)
+        t = torch.full((b,), t2, dtype=torch.long, device=noise.device)
+        return student.predict(perturb(x, student.data_positions(t), noise), labels, t)
+
+    def _check_teacher(self, teacher: Any) -> None:
+        s = self.student
+        want = {"vocab_size": s.config.vocab_size, "seq_len": s.seq_len, "num_classes": s.num_classes}
+        got = {k: getattr(teacher, k, None) for k in want}
+        if got != want:
+            diff = ", ".join(f"{k} {got[k]} (student {want[k]})" for k in want if got[k] != want[k])
+            raise ValueError(f"teacher: does not match the student it would refine: {diff}")
+        expected = (self.info.get("teacher") or {}).get("weights_sha256")
+        if expected:
+            from distilled_decoding.trajectories import teacher_fingerprint
+
+            cached = getattr(teacher, "_dd_fingerprint", None)
+            if cached is None:
+                cached = teacher_fingerprint(teacher, self.student.codebook)["weights_sha256"]
+                teacher._dd_fingerprint = cached
+            if cached != expected:
+                raise ValueError(
+                    f"teacher: its weights (sha256 {cached[:12]}) are not those of the teacher this student was "
+                    f"distilled from (sha256 {expected[:12]})"
+                )
+
+    def decode(self, vectors: Tensor) -> Tensor:
+        """Codebook-space vectors (B, N, D) → images (B, 3, H, W) in [0, 1] through the tokenizer's decoder."""
+        images = self.tokenizer.decode_vectors(vectors.to(self.tokenizer.dtype))
+        return images.float().clamp(-1, 1).add(1).div(2)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: Sequence[int] | Tensor,
+        num_inference_steps: int = 1,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        noise: Tensor | None = None,
+        teacher: Any = None,
+        teacher_tokens: tuple[int, int] | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        """diffusers-style entry point: draws the noise with ``generator`` (on the CPU, so results do not depend
+        on the device) and returns ``ImagePipelineOutput(images=...)`` as PIL images (``output_type="pil"``),
+        a float array in [0, 1] of shape (B, H, W, 3) (``"np"``) or a tensor (B, 3, H, W) (``"pt"``)."""
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type={output_type!r}: expected 'pil', 'np' or 'pt'")
+        labels = torch.as_tensor(class_labels).reshape(-1)
+        if noise is None:
+            gen_device = generator.device if generator is not None else "cpu"
+            noise = torch.randn((labels.shape[0], *self.noise_shape), generator=generator, device=gen_device)
+        images = self.generate(noise, labels, steps=num_inference_steps, teacher=teacher,
+                               teacher_tokens=teacher_tokens, generator=generator)  # fmt: skip
+        if output_type == "pt":
+            out: Any = images
+        else:
+            out = images.permute(0, 2, 3, 1).cpu().numpy()
+            if output_type == "pil":
+                out = self.numpy_to_pil(out)
+        return ImagePipelineOutput(images=out) if return_dict else (out,)
+
+    # -- saving ---------------------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write the pipeline (safetensors only) and a model card ``README.md``; the folder is built next to the
+        target and renamed into place, so an interrupted save leaves no half-written pipeline."""
+        import shutil
+        import tempfile
+
+        kwargs.pop("safe_serialization", None)
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            super().save_pretrained(tmp, safe_serialization=True, **kwargs)
+            (tmp / "README.md").write_text(self.model_card())
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload distilled-decoding pipeline",
+                    private: bool | None = None, token: str | None = None) -> str:  # fmt: skip
+        """Save to a temporary folder and upload it in one commit (creating the repo if needed)."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, exist_ok=True, private=private)
+        with tempfile.TemporaryDirectory() as d:
+            self.save_pretrained(Path(d) / "pipe")
+            info = api.upload_folder(repo_id=repo_id, folder_path=str(Path(d) / "pipe"), commit_message=commit_message)
+        return str(getattr(info, "commit_url", info))
+
+    def model_card(self) -> str:
+        """A model card (YAML front matter + markdown) describing the teacher, data, schedule and metrics."""
+        info = self.info
+        s = self.student.config
+        teacher = info.get("teacher") or {}
+        metrics = info.get("metrics") or {}
+        n_params = sum(p.numel() for p in self.student.parameters())
+        lines = [
+            "---",
+            "library_name: distilled-decoding",
+            "pipeline_tag: unconditional-image-generation",
+            "tags: [image-generation, distillation, autoregressive, distilled-decoding]",
+            "license: mit",
+            "---",
+            "",
+            f"# Distilled Decoding student ({info.get('name', 'class-conditional')})",
+            "",
+            "One- and two-step generator distilled from an image autoregressive teacher with Distilled Decoding "
+            "(Liu et al., arXiv 2412.17153). Load it with the `distilled-decoding` toolkit:",
+            "",
+            "```python",
+            "from distilled_decoding import DistilledDecodingPipeline",
+            "dd = DistilledDecodingPipeline.from_pretrained('<this repo or folder>')",
+            "images = dd(class_labels=[0, 1], num_inference_steps=1).images",
+            "```",
+            "",
+            "## Teacher",
+            f"- class: {teacher.get('class', '?')}; weights sha256 `{str(teacher.get('weights_sha256', '?'))[:16]}`",
+            f"- config: `{json.dumps(teacher.get('config', {}), sort_keys=True)}`",
+            f"- sampling distilled: `{json.dumps(info.get('teacher_sampling', {}), sort_keys=True)}`, "
+            f"flow map `{json.dumps(info.get('flow', {}), sort_keys=True)}`",
+            "",
+            "## Student",
+            f"- {type(self.student).__name__}: {n_params / 1e6:.2f}M parameters, N = {self.student.seq_len} tokens, "
+            f"codebook {s.vocab_size} × {s.codebook_dim}",
+            f"- timesteps (training and 2-step schedule): {list(s.timesteps)}; split (logits head before, continuous "
+            f"head from): {s.split}",
+            f"- trajectories: {json.dumps(info.get('trajectories', {}), sort_keys=True)}",
+            f"- training: {json.dumps(info.get('training', {}), sort_keys=True)}",
+            "",
+            "## Measured",
+        ]
+        if metrics:
+            keys = sorted({k for row in metrics.values() for k in row})
+            lines.append("| sampler | " + " | ".join(keys) + " |")
+            lines.append("|---|" + "---|" * len(keys))
+            for name, row in metrics.items():
+                lines.append(f"| {name} | " + " | ".join(_fmt(row.get(k)) for k in keys) + " |")
+        else:
+            lines.append("No metrics recorded.")
+        return "\n".join(lines) + "\n"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)

@@ -1,0 +1,244 @@
+"""The end-to-end distillation job behind ``recipes/distill_llamagen.py``.
+
+Stages (each resumable, each skipped when its output exists):
+
+1. ``trajectories`` — build (noise, tokens) pairs with the frozen teacher (:func:`build_trajectories`);
+2. ``train`` — distil the student with Accelerate (:func:`train_student`);
+3. ``save`` — write the :class:`DistilledDecodingPipeline` (student + tokenizer, model card);
+4. ``evaluate`` — the comparison table and sample grid (:mod:`distilled_decoding.evaluation`).
+
+Configuration: :class:`RecipeConfig` from defaults (the embedded digits teacher), then a YAML file, then
+``section.field=value`` overrides, e.g. ``distill.max_steps=2000 trajectories.num_samples=50000``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distilled_decoding.distill import DistillConfig
+
+__all__ = ["RecipeConfig", "TeacherConfig", "TrajectoryConfig", "EvalConfig", "load_recipe_config", "run"]
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("trajectories", "train", "save", "evaluate")
+
+
+@dataclass
+class TeacherConfig:
+    """Where the teacher comes from: ``save_pretrained`` folders or official files.
+
+    ``kind="llamagen"``: ``model`` = GPT (``c2i_B_256.pt`` or a folder), ``tokenizer`` = VQ (``vq_ds16_c2i.pt`` or
+    a folder), ``preset`` = GPT-B/GPT-L/... (inferred when None). ``kind="var"``: ``model`` = ``var_d16.pth`` (or a
+    folder holding the VAE too), ``tokenizer`` = ``vae_ch160v4096z32.pth``, ``preset`` = the depth (16 or "d16").
+    """
+
+    kind: str = "llamagen"
+    model: str = str(ROOT / "checkpoints" / "digits_llamagen" / "gpt")
+    tokenizer: str | None = str(ROOT / "checkpoints" / "digits_llamagen" / "vq")
+    preset: str | int | None = None
+    block_size: int | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("llamagen", "var"):
+            raise ValueError(f"teacher.kind={self.kind!r}: expected 'llamagen' or 'var'")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"teacher.dtype={self.dtype!r}: expected 'float32' or 'bfloat16'")
+
+    def load(self) -> tuple[Any, Any]:
+        from distilled_decoding.teachers import load_teacher
+
+        teacher, tok = load_teacher(self.kind, self.model, self.tokenizer, preset=self.preset,
+                                    block_size=self.block_size)  # fmt: skip
+        dtype = getattr(torch, self.dtype)
+        return (teacher if teacher.dtype == dtype else teacher.to(dtype)), tok
+
+
+@dataclass
+class TrajectoryConfig:
+    """The teacher's sampling settings to distil and the size of the pair set."""
+
+    num_samples: int = 20000
+    batch_size: int = 256
+    shard_size: int = 5000
+    seed: int = 0
+    cfg_scale: float = 2.0
+    cfg_interval: int = -1
+    top_k: int = 0
+    top_p: float = 1.0
+    temperature: float = 1.0
+
+    def sampling(self) -> dict[str, Any]:
+        return {"cfg_scale": self.cfg_scale, "cfg_interval": self.cfg_interval, "top_k": self.top_k,
+                "top_p": self.top_p, "temperature": self.temperature}  # fmt: skip
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of the distilled pipeline against the teacher (see :mod:`distilled_decoding.evaluation`)."""
+
+    num_images: int = 1000
+    batch_size: int = 250
+    seed: int = 1234
+    feature_extractor: str = "digits-cnn"
+    refine: tuple[int, int] | None = None  # teacher_tokens (T, t2); None: (t2 - t2 // 4, t2)
+    skip: tuple[int, ...] | None = None  # skip-n baselines; None: (N // 8, N // 4)
+    bench_batches: tuple[int, ...] = (1, 64)
+    grid_columns: int = 10
+
+
+@dataclass
+class RecipeConfig:
+    output_dir: str = "runs/digits"
+    stages: tuple[str, ...] = STAGES
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    trajectories: TrajectoryConfig = field(default_factory=TrajectoryConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.stages if s not in STAGES]
+        if bad:
+            raise ValueError(f"stages: unknown {bad}; expected some of {STAGES}")
+        self.stages = tuple(self.stages)
+
+    @property
+    def trajectory_dir(self) -> Path:
+        return Path(self.output_dir) / "trajectories"
+
+    @property
+    def pipeline_dir(self) -> Path:
+        return Path(self.output_dir) / "pipeline"
+
+
+_SECTIONS = {"teacher": TeacherConfig, "trajectories": TrajectoryConfig, "distill": DistillConfig,
+             "evaluate": EvalConfig}  # fmt: skip
+
+
+def load_recipe_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> RecipeConfig:
+    """Defaults ← YAML file ← ``section.key=value`` overrides (values parsed as YAML)."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping with sections {sorted(_SECTIONS)}")
+        data = loaded
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected section.key=value (e.g. distill.max_steps=500)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().lstrip("-").replace("-", "_").split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    top = {f.name for f in dataclasses.fields(RecipeConfig)}
+    unknown = sorted(set(data) - top)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}; expected some of {sorted(top)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        if name in _SECTIONS:
+            cls = _SECTIONS[name]
+            if not isinstance(value, dict):
+                raise ValueError(f"{name}: expected a mapping of {cls.__name__} fields")
+            fields = {f.name for f in dataclasses.fields(cls)}
+            extra = sorted(set(value) - fields)
+            if extra:
+                raise ValueError(f"{name}: unknown field(s) {extra}; expected some of {sorted(fields)}")
+            kwargs[name] = cls(**value)
+        else:
+            kwargs[name] = value
+    cfg = RecipeConfig(**kwargs)
+    # the student trains on this job's trajectories and writes into this job's folder unless told otherwise
+    if "trajectories" not in (data.get("distill") or {}):
+        cfg.distill.trajectories = str(cfg.trajectory_dir)
+    if "output_dir" not in (data.get("distill") or {}):
+        cfg.distill.output_dir = str(Path(cfg.output_dir) / "student")
+    return cfg
+
+
+def run(cfg: RecipeConfig) -> dict[str, Any]:
+    """Run the configured stages; returns a summary dict (paths, evaluation table when evaluated)."""
+    from distilled_decoding.distributed import process_state
+
+    state = process_state()
+    out = Path(cfg.output_dir)
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
+    gpt, vq = cfg.teacher.load()
+    summary: dict[str, Any] = {"output_dir": str(out)}
+
+    if "trajectories" in cfg.stages:
+        from distilled_decoding.trajectories import build_trajectories
+
+        tc = cfg.trajectories
+        build_trajectories(gpt, cfg.trajectory_dir, num_samples=tc.num_samples, batch_size=tc.batch_size,
+                           seed=tc.seed, codebook=vq.codebook, shard_size=tc.shard_size, **tc.sampling())  # fmt: skip
+    student = None
+    if "train" in cfg.stages:
+        from distilled_decoding.distill import train_student
+
+        vq_dev = vq.to(state.device)
+        decode = lambda v: vq_dev.decode_vectors(v)  # noqa: E731
+        student = train_student(cfg.distill, teacher=gpt, codebook=vq.codebook, decode=decode)
+        vq = vq.to("cpu")
+        if state.is_main_process:
+            student.save_pretrained(Path(cfg.distill.output_dir) / "final")
+    if "save" in cfg.stages and state.is_main_process:
+        from distilled_decoding.pipeline import DistilledDecodingPipeline
+        from distilled_decoding.trajectories import TrajectoryDataset
+
+        if student is None:
+            final = Path(cfg.distill.output_dir) / "final"
+            student = _student_class(final).from_pretrained(final)
+        info = pipeline_info(cfg, TrajectoryDataset(cfg.trajectory_dir))
+        pipe = DistilledDecodingPipeline(student=student, tokenizer=vq, info=info)
+        pipe.save_pretrained(cfg.pipeline_dir)
+        summary["pipeline"] = str(cfg.pipeline_dir)
+    state.wait_for_everyone()
+    if "evaluate" in cfg.stages and state.is_main_process:
+        from distilled_decoding.evaluation import evaluate_job
+
+        summary["evaluation"] = evaluate_job(cfg, gpt, vq)
+    return summary
+
+
+def pipeline_info(cfg: RecipeConfig, ds: Any) -> dict[str, Any]:
+    """Provenance stored in the pipeline (and its model card): teacher identity, sampling distilled, data."""
+    s = ds.settings
+    return {
+        "name": Path(cfg.teacher.model).stem
+        if Path(cfg.teacher.model).is_file()
+        else Path(cfg.teacher.model).parent.name,
+        "teacher": ds.teacher,
+        "teacher_sampling": s["sampling"],
+        "flow": s["flow"],
+        "trajectories": {"num_samples": s["num_samples"], "seed": s["seed"], "class_labels": s["class_labels"]},
+        "training": {
+            k: v
+            for k, v in dataclasses.asdict(cfg.distill).items()
+            if k not in ("trajectories", "output_dir", "progress", "extra")
+        },  # fmt: skip
+    }
+
+
+def _student_class(folder: Path) -> type:
+    """The student class recorded in a ``save_pretrained`` folder's config.json."""
+    import distilled_decoding.student as student_module
+
+    name = json.loads((folder / "config.json").read_text()).get("_class_name", "DDStudent")
+    return getattr(student_module, name)

@@ -1,0 +1,557 @@
+"""Distilled Decoding training pairs: noise sequences mapped to token sequences through a frozen teacher.
+
+:func:`build_trajectories` runs the teacher's KV-cache sampling loop with the flow map as the token chooser,
+so token i of a sample is a deterministic function of (noise_1..noise_i, class). It writes safetensors
+shards and a ``manifest.json``::
+
+    out_dir/
+      manifest.json                 teacher identity, settings, shard list (ranges, sha256), "complete"
+      shard-00000.safetensors       noise (n, N, D) float16, tokens (n, N) int16/int32,
+      shard-00001.safetensors       class_label (n,) int16/int32, index (n,) int64
+
+With ``store_noise=False`` the shards hold no noise: it is regenerated from (seed, i) by :func:`sample_noise`
+when read (VAR: 680×32 fp16 noise is 43.5 KB per pair, the tokens 1.4 KB), and the manifest keeps a sha256 of
+regenerated noise that the reader checks, so a torch whose generator changed is detected instead of silently
+pairing other noise with the tokens.
+
+Guarantees:
+
+* the noise and class of sample i depend on ``(seed, i)`` alone (a per-sample ``torch.Generator`` on the CPU),
+  and the teacher runs on exactly the stored fp16-rounded noise;
+* shards are the unit of work: written atomically (temporary file + rename), split round-robin across
+  processes (``accelerate launch``), skipped on restart when already complete — a killed run resumes where it
+  stopped and ends byte-identical to an uninterrupted one; a restart with other settings or another teacher
+  is refused with the differences listed;
+* :class:`TrajectoryDataset` verifies each shard's checksum on first open and names the file it cannot read.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from distilled_decoding.sampling import FlowChooser, sample_tokens, validate_sampling_args
+
+__all__ = [
+    "build_trajectories",
+    "TrajectoryDataset",
+    "TrajectoryError",
+    "sample_noise",
+    "teacher_fingerprint",
+    "MANIFEST",
+    "FORMAT_VERSION",
+]
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class TrajectoryError(ValueError):
+    """A trajectory folder is inconsistent, corrupt, or was built with other settings."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# per-sample randomness
+# ----------------------------------------------------------------------------------------------------------
+def _sample_seed(seed: int, index: int) -> int:
+    """A 64-bit seed for sample ``index`` of dataset ``seed`` (NumPy SeedSequence mixing: well spread,
+    stable across NumPy versions)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0])
+
+
+def sample_noise(
+    seed: int,
+    indices: Sequence[int],
+    seq_len: int,
+    dim: int,
+    num_classes: int | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Noise (n, N, D) float16 and, when ``num_classes`` is given, uniform class labels (n,) long for the
+    samples ``indices``. Each sample draws from its own CPU generator seeded by (seed, index): first the
+    label, then the noise, so sample i is the same in any batch, process or run."""
+    noise = torch.empty(len(indices), seq_len, dim, dtype=torch.float16)
+    labels = torch.empty(len(indices), dtype=torch.long) if num_classes is not None else None
+    g = torch.Generator(device="cpu")
+    for row, i in enumerate(indices):
+        g.manual_seed(_sample_seed(seed, int(i)))
+        if labels is not None:
+            labels[row] = torch.randint(num_classes, (1,), generator=g)[0]
+        noise[row] = torch.randn(seq_len, dim, generator=g).to(torch.float16)
+    return noise, labels
+
+
+# ----------------------------------------------------------------------------------------------------------
+# identity and settings
+# ----------------------------------------------------------------------------------------------------------
+def _tensor_bytes(t: Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous()
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def teacher_fingerprint(teacher: torch.nn.Module, codebook: Tensor) -> dict[str, Any]:
+    """Identity of a teacher: class, config, sha256 of its weights (names, dtypes, shapes, bytes) and of the
+    codebook. Two teachers with equal fingerprints produce the same trajectories."""
+    h = hashlib.sha256()
+    for name, t in sorted(teacher.state_dict().items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(_tensor_bytes(t))
+    cfg = getattr(teacher, "config", {})
+    cfg = {k: v for k, v in dict(cfg).items() if not k.startswith("_")}
+    return {
+        "class": type(teacher).__name__,
+        "config": json.loads(json.dumps(cfg, default=str)),
+        "weights_sha256": h.hexdigest(),
+        "codebook_sha256": hashlib.sha256(_tensor_bytes(codebook.float())).hexdigest(),
+        "codebook_shape": list(codebook.shape),
+    }
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _json_digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += _diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            show = lambda v: (str(v)[:60] + "...") if len(str(v)) > 60 else str(v)  # noqa: E731
+            out.append(f"{prefix}{k}: folder has {show(a)}, this run has {show(b)}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the builder
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Plan:
+    num_samples: int
+    shard_size: int
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_samples // self.shard_size)
+
+    def range(self, k: int) -> tuple[int, int]:
+        return k * self.shard_size, min((k + 1) * self.shard_size, self.num_samples)
+
+
+def _shard_name(k: int) -> str:
+    return f"shard-{k:05d}.safetensors"
+
+
+def _int_dtype(max_value: int) -> torch.dtype:
+    return torch.int16 if max_value <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def build_trajectories(
+    teacher: Any,
+    out_dir: str | os.PathLike,
+    num_samples: int,
+    batch_size: int = 64,
+    seed: int = 0,
+    cfg_scale: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+    *,
+    codebook: Tensor | None = None,
+    class_labels: Sequence[int] | Tensor | None = None,
+    cfg_interval: int = -1,
+    shard_size: int = 10_000,
+    flow_kwargs: Mapping[str, Any] | None = None,
+    store_noise: bool = True,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Build ``num_samples`` (noise, tokens, class) pairs with ``teacher`` into ``out_dir``; returns the path.
+
+    Args:
+        teacher: a model implementing the decoding protocol (:mod:`distilled_decoding.sampling`), frozen.
+        codebook: (V, D) codebook vectors of the teacher's tokenizer (``vq.codebook`` for LlamaGen; VAR
+            teachers carry one, used when this is None).
+        class_labels: one label per sample (length ``num_samples``), or None for uniform random classes.
+        cfg_scale, cfg_interval, top_k, top_p, temperature: the teacher's sampling settings (its official
+            semantics); the flow map turns the resulting distribution into a deterministic choice.
+        shard_size: samples per shard file (the unit of work, resumption and distribution).
+        flow_kwargs: solver options for :func:`distilled_decoding.flow.noise_to_tokens` (default: its defaults).
+        store_noise: store the fp16 noise in the shards (default) or regenerate it from (seed, i) when read.
+        batch_size: samples per teacher forward (memory only; does not change the data).
+        device: where the teacher runs (default: this process's accelerate device).
+
+    Run under ``accelerate launch`` to split the shards across processes; every process must call this.
+    """
+    from distilled_decoding.distributed import process_state
+
+    state = process_state()
+    out_dir = Path(out_dir)
+    if codebook is None:
+        codebook = getattr(teacher, "codebook", None)
+        if codebook is None:
+            raise ValueError("codebook: this teacher carries no codebook; pass codebook=tokenizer.codebook")
+    _check_args(teacher, codebook, num_samples, batch_size, shard_size)
+    validate_sampling_args(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+    labels_all = _check_labels(teacher, class_labels, num_samples)
+    device = torch.device(device) if device is not None else state.device
+    teacher = teacher.to(device).eval()
+    codebook = codebook.detach().to(device=device, dtype=torch.float32)
+    flow_kwargs = dict(flow_kwargs or {})
+
+    from distilled_decoding import flow
+
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "num_samples": num_samples,
+        "seed": seed,
+        "seq_len": teacher.seq_len,
+        "num_classes": teacher.num_classes,
+        "codebook_dim": int(codebook.shape[1]),
+        "shard_size": shard_size,
+        "noise_dtype": "float16",
+        "noise_storage": "stored" if store_noise else "regenerated",
+        "class_labels": "uniform"
+        if labels_all is None
+        else "given:" + hashlib.sha256(_tensor_bytes(labels_all)).hexdigest(),
+        "sampling": {
+            "cfg_scale": cfg_scale,
+            "cfg_interval": cfg_interval,
+            "top_k": top_k,
+            "top_p": top_p,
+            "temperature": temperature,
+        },
+        "flow": {**getattr(flow, "DEFAULTS", {}), **flow_kwargs},
+    }
+    identity = teacher_fingerprint(teacher, codebook)
+    settings_digest = _json_digest({"settings": settings, "teacher": identity})
+    plan = _Plan(num_samples, shard_size)
+
+    # 1. every process checks an existing manifest (so all raise together), then the main one writes it
+    manifest_path = out_dir / MANIFEST
+    if manifest_path.exists():
+        old = json.loads(manifest_path.read_text())
+        diffs = _diff(old.get("settings", {}), settings) + _diff(old.get("teacher", {}), identity, "teacher.")
+        if diffs:
+            raise TrajectoryError(
+                f"{out_dir} holds trajectories built with other settings or another teacher; refusing to resume. "
+                "Differences:\n  " + "\n  ".join(diffs[:20]) + "\nUse another out_dir or delete this one."
+            )
+    state.wait_for_everyone()
+    if state.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for tmp in out_dir.glob("*.tmp"):
+            tmp.unlink()
+        if not manifest_path.exists():
+            _write_manifest(out_dir, settings, identity, settings_digest, plan, shards=None, noise_check=None)
+    state.wait_for_everyone()
+
+    # 2. shards: round-robin over processes, skipping complete ones
+    mine = [k for k in range(plan.num_shards) if k % state.num_processes == state.process_index]
+    todo = [k for k in mine if not _shard_ok(out_dir / _shard_name(k), settings_digest, plan.range(k))]
+    total = sum(plan.range(k)[1] - plan.range(k)[0] for k in mine)
+    done_before = total - sum(plan.range(k)[1] - plan.range(k)[0] for k in todo)
+    bar = tqdm(
+        total=total,
+        initial=done_before,
+        unit="pair",
+        desc="trajectories",
+        dynamic_ncols=True,
+        disable=not (progress and state.is_main_process),
+        smoothing=0.1,
+    )
+    t0 = time.perf_counter()
+    built = 0
+    for k in todo:
+        a, b = plan.range(k)
+        noise, labels, tokens = [], [], []
+        for s in range(a, b, batch_size):
+            idx = list(range(s, min(s + batch_size, b)))
+            eps, lab = sample_noise(
+                seed,
+                idx,
+                teacher.seq_len,
+                codebook.shape[1],
+                None if labels_all is not None else teacher.num_classes,
+            )
+            if labels_all is not None:
+                lab = labels_all[idx[0] : idx[-1] + 1]
+            chooser = FlowChooser(eps.to(device), codebook, **flow_kwargs)
+            tok = sample_tokens(
+                teacher,
+                lab.to(device),
+                chooser=chooser,
+                cfg_scale=cfg_scale,
+                cfg_interval=cfg_interval,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+            )
+            noise.append(eps)
+            labels.append(lab)
+            tokens.append(tok.cpu())
+            bar.update(len(idx))
+        built += b - a
+        _write_shard(
+            out_dir,
+            k,
+            (a, b),
+            torch.cat(noise) if store_noise else None,
+            torch.cat(tokens),
+            torch.cat(labels),
+            settings_digest,
+            teacher.vocab_size,
+            teacher.num_classes,
+        )
+    bar.close()
+    elapsed = time.perf_counter() - t0
+
+    # 3. the main process checks every shard and seals the manifest
+    state.wait_for_everyone()
+    if state.is_main_process:
+        shards = []
+        for k in range(plan.num_shards):
+            path = out_dir / _shard_name(k)
+            if not _shard_ok(path, settings_digest, plan.range(k)):
+                raise TrajectoryError(f"{path}: missing or invalid after all processes finished")
+            a, b = plan.range(k)
+            shards.append({"file": path.name, "start": a, "stop": b, "sha256": _sha256_file(path)})
+        drawn = None if labels_all is not None else teacher.num_classes
+        check = None if store_noise else _noise_check(seed, num_samples, teacher.seq_len, codebook.shape[1], drawn)
+        _write_manifest(out_dir, settings, identity, settings_digest, plan, shards=shards, noise_check=check)
+        rate = built / elapsed if elapsed > 0 and built else 0.0
+        print(
+            f"trajectories: {num_samples} pairs in {plan.num_shards} shard(s) at {out_dir}; this process built "
+            f"{built} in {elapsed:.1f} s ({rate:.1f} pairs/s), {state.num_processes} process(es)"
+        )
+    state.wait_for_everyone()
+    return out_dir
+
+
+def _check_args(teacher: Any, codebook: Tensor, num_samples: int, batch_size: int, shard_size: int) -> None:
+    for name, v in (("num_samples", num_samples), ("batch_size", batch_size), ("shard_size", shard_size)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r}: expected a positive integer")
+    if not isinstance(codebook, Tensor) or codebook.ndim != 2 or codebook.shape[0] != teacher.vocab_size:
+        raise ValueError(
+            f"codebook: expected a ({teacher.vocab_size}, D) tensor matching the teacher's vocab_size, "
+            f"got {tuple(codebook.shape) if isinstance(codebook, Tensor) else type(codebook).__name__}"
+        )
+
+
+def _check_labels(teacher: Any, class_labels: Sequence[int] | Tensor | None, n: int) -> Tensor | None:
+    if class_labels is None:
+        return None
+    labels = torch.as_tensor(class_labels)
+    if labels.ndim != 1 or labels.shape[0] != n:
+        raise ValueError(f"class_labels: expected {n} labels (one per sample), got shape {tuple(labels.shape)}")
+    teacher.check_labels(labels.long(), n)
+    return labels.long().cpu()
+
+
+def _noise_check(seed: int, n: int, seq_len: int, dim: int, num_classes: int | None) -> dict[str, Any]:
+    """sha256 of the regenerated fp16 noise of three samples (first, middle, last)."""
+    idx = sorted({0, n // 2, n - 1})
+    noise, _ = sample_noise(seed, idx, seq_len, dim, num_classes)
+    return {"indices": idx, "sha256": hashlib.sha256(_tensor_bytes(noise)).hexdigest()}
+
+
+def _write_shard(
+    out_dir: Path,
+    k: int,
+    rng: tuple[int, int],
+    noise: Tensor | None,
+    tokens: Tensor,
+    labels: Tensor,
+    digest: str,
+    vocab: int,
+    classes: int,
+) -> None:
+    meta = json.dumps(
+        {"start": rng[0], "stop": rng[1], "settings_digest": digest, "format_version": FORMAT_VERSION},
+        sort_keys=True,
+    )
+    tensors = {
+        "tokens": tokens.to(_int_dtype(vocab - 1)).contiguous(),
+        "class_label": labels.to(_int_dtype(classes)).contiguous(),
+        "index": torch.arange(rng[0], rng[1], dtype=torch.int64),
+    }
+    if noise is not None:
+        tensors["noise"] = noise.to(torch.float16).contiguous()
+    final = out_dir / _shard_name(k)
+    tmp = final.with_name(final.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"distilled_decoding": meta})  # one key: byte-stable header
+    os.replace(tmp, final)
+
+
+def _shard_ok(path: Path, digest: str, rng: tuple[int, int]) -> bool:
+    """A complete shard of this build: readable header with our digest and range, right row counts."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("distilled_decoding", "{}"))
+            n = f.get_slice("tokens").get_shape()[0]
+            ok_rows = all(f.get_slice(key).get_shape()[0] == n for key in f.keys() if key != "tokens")  # noqa: SIM118
+    except Exception:  # noqa: BLE001 - unreadable means not complete
+        return False
+    return (
+        meta.get("settings_digest") == digest
+        and (meta.get("start"), meta.get("stop")) == rng
+        and ok_rows
+        and n == rng[1] - rng[0]
+    )
+
+
+def _write_manifest(
+    out_dir: Path,
+    settings: dict,
+    identity: dict,
+    digest: str,
+    plan: _Plan,
+    shards: list[dict] | None,
+    noise_check: dict | None,
+) -> None:
+    manifest = {
+        "noise_check": noise_check,
+        "format": "distilled-decoding trajectories",
+        "complete": shards is not None,
+        "settings": settings,
+        "teacher": identity,
+        "settings_digest": digest,
+        "num_shards": plan.num_shards,
+        "shards": shards
+        if shards is not None
+        else [
+            {"file": _shard_name(k), "start": plan.range(k)[0], "stop": plan.range(k)[1]}
+            for k in range(plan.num_shards)
+        ],
+    }
+    tmp = out_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, out_dir / MANIFEST)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the reader
+# ----------------------------------------------------------------------------------------------------------
+class TrajectoryDataset(torch.utils.data.Dataset):
+    """Random access to a finished trajectory folder.
+
+    ``ds[i]`` → ``{"noise": (N, D) float32, "tokens": (N,) long, "class_label": () long}``. Shards are opened
+    lazily with ``safe_open`` (one handle per shard and process, so DataLoader workers each open their own)
+    and their sha256 is checked on first open.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, verify: bool = True):
+        self.root = Path(out_dir)
+        path = self.root / MANIFEST
+        if not path.is_file():
+            raise TrajectoryError(f"{path}: no manifest; is {self.root} a trajectory folder?")
+        try:
+            self.manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise TrajectoryError(f"{path}: corrupt manifest ({e})") from e
+        if not self.manifest.get("complete"):
+            raise TrajectoryError(
+                f"{self.root}: the build is incomplete (manifest says complete=false); run build_trajectories "
+                "again with the same settings to finish it"
+            )
+        self.shards = self.manifest["shards"]
+        self.settings = self.manifest["settings"]
+        self.teacher = self.manifest["teacher"]
+        self._starts = [s["start"] for s in self.shards]
+        self._verify = verify
+        self._regenerate = self.settings.get("noise_storage") == "regenerated"
+        # uniform labels were drawn from each sample's generator before its noise
+        self._drawn_classes = int(self.settings["num_classes"]) if self.settings["class_labels"] == "uniform" else None
+        if self._regenerate:
+            check = self.manifest.get("noise_check") or {}
+            seed, n, d = int(self.settings["seed"]), self.seq_len, self.codebook_dim
+            now = _noise_check(seed, len(self), n, d, self._drawn_classes) if check else None
+            if now != check:
+                raise TrajectoryError(
+                    f"{path}: noise is regenerated from (seed, index), but this torch's generator gives other noise "
+                    f"than at build time (sha256 {str((now or {}).get('sha256'))[:12]} vs "
+                    f"{str(check.get('sha256'))[:12]}); rebuild with store_noise=True or use the torch of the build"
+                )
+        self._handles: dict[int, Any] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return self.shards[-1]["stop"] if self.shards else 0
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.settings["seq_len"])
+
+    @property
+    def codebook_dim(self) -> int:
+        return int(self.settings["codebook_dim"])
+
+    def _open(self, k: int) -> Any:
+        if os.getpid() != self._pid:  # forked DataLoader worker: open our own handles
+            self._handles, self._pid = {}, os.getpid()
+        if k not in self._handles:
+            info = self.shards[k]
+            path = self.root / info["file"]
+            if not path.is_file():
+                raise TrajectoryError(f"{path}: shard missing")
+            if self._verify and _sha256_file(path) != info["sha256"]:
+                raise TrajectoryError(f"{path}: checksum mismatch (the shard is corrupt or truncated)")
+            try:
+                handle = safe_open(str(path), "pt")
+                n = handle.get_slice("tokens").get_shape()[0]
+            except Exception as e:  # noqa: BLE001 - re-raised with the file named
+                raise TrajectoryError(f"{path}: unreadable shard ({e})") from e
+            if n != info["stop"] - info["start"]:
+                raise TrajectoryError(f"{path}: holds {n} samples, manifest expects {info['stop'] - info['start']}")
+            self._handles[k] = handle
+        return self._handles[k]
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} samples")
+        i %= len(self)
+        k = bisect.bisect_right(self._starts, i) - 1
+        return k, i - self._starts[k]
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        k, j = self._locate(int(i))
+        f = self._open(k)
+        if self._regenerate:
+            g = self._starts[k] + j
+            seed = int(self.settings["seed"])
+            noise = sample_noise(seed, [g], self.seq_len, self.codebook_dim, self._drawn_classes)[0][0].float()
+        else:
+            noise = f.get_slice("noise")[j].float()
+        return {
+            "noise": noise,
+            "tokens": f.get_slice("tokens")[j].long(),
+            "class_label": f.get_slice("class_label")[j].long().reshape(()),
+        }
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handles": {}}
