@@ -58,9 +58,7 @@ def _read_file(path: Path) -> object:
                 f"{path}: refused to unpickle a non-tensor object with weights_only=True ({msg}). "
                 "Only plain state dicts are loaded; re-save the weights with safetensors."
             ) from e
-        raise CheckpointError(
-            f"{path}: cannot read checkpoint, the file is corrupt or truncated ({msg})"
-        ) from e
+        raise CheckpointError(f"{path}: cannot read checkpoint, the file is corrupt or truncated ({msg})") from e
 
 
 def _mmap_ok(path: Path) -> bool:
@@ -82,9 +80,7 @@ def extract_state_dict(obj: object, *, key: str | None = None, source: str = "ch
         raise CheckpointError(f"{source}: expected a dict of tensors, found {type(obj).__name__}")
     if key is not None:
         if key not in obj:
-            raise CheckpointError(
-                f"{source}: has no entry {key!r}; top-level keys: {sorted(map(str, obj))[:20]}"
-            )
+            raise CheckpointError(f"{source}: has no entry {key!r}; top-level keys: {sorted(map(str, obj))[:20]}")
         obj = obj[key]
     elif not _is_tensor_dict(obj):
         if "trainer" in obj and isinstance(obj["trainer"], Mapping):

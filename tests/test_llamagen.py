@@ -37,9 +37,7 @@ def sd(ref) -> dict[str, torch.Tensor]:
 
 @pytest.fixture()
 def gpt(sd, tmp_path) -> LlamaGen:
-    torch.save(
-        {"model": sd, "optimizer": {}, "steps": 10, "args": argparse.Namespace(lr=1e-4)}, tmp_path / "c.pt"
-    )
+    torch.save({"model": sd, "optimizer": {}, "steps": 10, "args": argparse.Namespace(lr=1e-4)}, tmp_path / "c.pt")
     return LlamaGen.from_official(tmp_path / "c.pt", **CFG)
 
 
@@ -180,9 +178,7 @@ def test_rope_table_layout():
     head_quarter = model.args.head_dim // 4
     r, c = 1, 2  # token at grid cell (1, 2) sits at sequence index 1 + r*grid + c
     row = f[1 + r * grid + c]
-    base = 1.0 / (
-        10000 ** (torch.arange(0, model.args.head_dim // 2, 2).float() / (model.args.head_dim // 2))
-    )
+    base = 1.0 / (10000 ** (torch.arange(0, model.args.head_dim // 2, 2).float() / (model.args.head_dim // 2)))
     assert torch.allclose(row[:head_quarter, 0], torch.cos(r * base))
     assert torch.allclose(row[head_quarter:, 0], torch.cos(c * base))
 

@@ -147,9 +147,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         xf = x.float()
-        return (xf * torch.rsqrt(torch.mean(xf * xf, dim=-1, keepdim=True) + self.eps)).type_as(
-            x
-        ) * self.weight
+        return (xf * torch.rsqrt(torch.mean(xf * xf, dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 class LabelEmbedder(nn.Module):
@@ -192,17 +190,13 @@ def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
     return out.flatten(3).type_as(x)
 
 
-def precompute_freqs_cis_2d(
-    grid_size: int, head_dim: int, base: float = 10000, cls_token_num: int = 1
-) -> Tensor:
+def precompute_freqs_cis_2d(grid_size: int, head_dim: int, base: float = 10000, cls_token_num: int = 1) -> Tensor:
     """(cls_token_num + grid², head_dim/2, 2) table of (cos, sin); the class rows are all zeros (official)."""
     half = head_dim // 2
     freqs = 1.0 / (base ** (torch.arange(0, half, 2)[: half // 2].float() / half))
     t = torch.arange(grid_size, device=freqs.device)
     freqs = torch.outer(t, freqs)
-    grid = torch.cat(
-        [freqs[:, None, :].expand(-1, grid_size, -1), freqs[None, :, :].expand(grid_size, -1, -1)], dim=-1
-    )
+    grid = torch.cat([freqs[:, None, :].expand(-1, grid_size, -1), freqs[None, :, :].expand(grid_size, -1, -1)], dim=-1)
     cache = torch.stack([torch.cos(grid), torch.sin(grid)], dim=-1).flatten(0, 1)
     return torch.cat([torch.zeros(cls_token_num, head_dim // 2, 2), cache])
 
@@ -273,9 +267,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(
-        self, x: Tensor, freqs_cis: Tensor, kv=None, start: int = 0, mask: Tensor | None = None
-    ) -> Tensor:
+    def forward(self, x: Tensor, freqs_cis: Tensor, kv=None, start: int = 0, mask: Tensor | None = None) -> Tensor:
         h = x + self.drop_path(self.attention(self.attention_norm(x), freqs_cis, kv, start, mask))
         return h + self.drop_path(self.feed_forward(self.ffn_norm(h)))
 
@@ -388,9 +380,7 @@ class LlamaGen(ModelMixin, ConfigMixin):
         with torch.device("meta"):
             model = cls(**cfg)
         what = f"LlamaGen ({_describe_cfg(cfg)})"
-        load_strict(
-            model, sd, source=str(path), what=what, ignore=("freqs_cis",), hint=_preset_hint, assign=True
-        )
+        load_strict(model, sd, source=str(path), what=what, ignore=("freqs_cis",), hint=_preset_hint, assign=True)
         return model.eval()
 
     # -- properties -----------------------------------------------------------------------------------------
@@ -411,11 +401,7 @@ class LlamaGen(ModelMixin, ConfigMixin):
     @property
     def null_class(self) -> int | None:
         """Index of the unconditional (CFG) class, or None when the class table has no null row."""
-        return (
-            self.args.num_classes
-            if self.cls_embedding.embedding_table.num_embeddings > self.num_classes
-            else None
-        )
+        return self.args.num_classes if self.cls_embedding.embedding_table.num_embeddings > self.num_classes else None
 
     @property
     def vocab_size(self) -> int:
@@ -471,9 +457,7 @@ class LlamaGen(ModelMixin, ConfigMixin):
             raise ValueError(f"{name}: expected a ({batch},) integer tensor, got {_shape_of(class_labels)}")
         if class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool:
             raise ValueError(f"{name}: expected an integer dtype (torch.long), got {class_labels.dtype}")
-        if class_labels.numel() and (
-            int(class_labels.min()) < 0 or int(class_labels.max()) >= self.num_classes
-        ):
+        if class_labels.numel() and (int(class_labels.min()) < 0 or int(class_labels.max()) >= self.num_classes):
             raise ValueError(
                 f"{name}: class ids must lie in [0, {self.num_classes}) (num_classes); "
                 f"got min {int(class_labels.min())}, max {int(class_labels.max())}"
@@ -489,9 +473,7 @@ class LlamaGen(ModelMixin, ConfigMixin):
         tokens after index cfg_interval + 1). None means no guidance (the batch is not doubled)."""
         if cfg_scale <= 1.0:
             return None
-        return [
-            cfg_scale if (cfg_interval < 0 or j <= cfg_interval + 1) else 1.0 for j in range(self.seq_len)
-        ]
+        return [cfg_scale if (cfg_interval < 0 or j <= cfg_interval + 1) else 1.0 for j in range(self.seq_len)]
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> LlamaGenCache:
         """Allocate a zeroed static KV cache for ``batch_size`` rows and ``max_len`` positions (class token
@@ -583,9 +565,7 @@ def _shape_fields(sd: Mapping[str, Tensor]) -> dict[str, Any]:
 
 
 def _layers(sd: Mapping[str, Tensor]) -> int:
-    return len(
-        {k.split(".")[1] for k in sd if k.startswith("layers.") and k.endswith("attention_norm.weight")}
-    )
+    return len({k.split(".")[1] for k in sd if k.startswith("layers.") and k.endswith("attention_norm.weight")})
 
 
 def _describe(sd: Mapping[str, Tensor]) -> str:

@@ -207,9 +207,7 @@ class _Decoder(nn.Module):
         self.mid = _mid(c, dropout)
         self.conv_blocks = nn.ModuleList()
         for i in reversed(range(len(ch_mult))):
-            level = _Level(
-                c, ch * ch_mult[i], num_res_blocks + 1, attention=i == len(ch_mult) - 1, dropout=dropout
-            )
+            level = _Level(c, ch * ch_mult[i], num_res_blocks + 1, attention=i == len(ch_mult) - 1, dropout=dropout)
             c = ch * ch_mult[i]
             if i != 0:
                 level.upsample = _Upsample(c)
@@ -247,9 +245,7 @@ def _entropy_loss(affinity: Tensor, temperature: float = 0.01) -> Tensor:
 class _VectorQuantizer(nn.Module):
     """Codebook ``embedding.weight`` (V, D) and, with ``show_usage``, the ring buffer ``codebook_used``."""
 
-    def __init__(
-        self, size: int, dim: int, beta: float, entropy_ratio: float, l2_norm: bool, show_usage: bool
-    ):
+    def __init__(self, size: int, dim: int, beta: float, entropy_ratio: float, l2_norm: bool, show_usage: bool):
         super().__init__()
         self.beta, self.entropy_ratio, self.l2_norm = beta, entropy_ratio, l2_norm
         self.embedding = nn.Embedding(size, dim)
@@ -490,9 +486,7 @@ class VQTokenizer(ModelMixin, ConfigMixin):
             raise ValueError(f"preset name={name!r}: expected one of {sorted(VQ_PRESETS)}")
         unknown = sorted(set(overrides) - set(VQ_PRESETS[name]))
         if unknown:
-            raise ValueError(
-                f"unknown VQTokenizer config field(s) {unknown}; valid: {sorted(VQ_PRESETS[name])}"
-            )
+            raise ValueError(f"unknown VQTokenizer config field(s) {unknown}; valid: {sorted(VQ_PRESETS[name])}")
         return cls(**{**VQ_PRESETS[name], **overrides})
 
     @classmethod
@@ -519,9 +513,7 @@ class VQTokenizer(ModelMixin, ConfigMixin):
         elif preset in VQ_PRESETS:
             cfg = dict(VQ_PRESETS[preset])
         else:
-            raise ValueError(
-                f"preset={preset!r}: expected None (infer from the file) or one of {sorted(VQ_PRESETS)}"
-            )
+            raise ValueError(f"preset={preset!r}: expected None (infer from the file) or one of {sorted(VQ_PRESETS)}")
         cfg["codebook_show_usage"] = "quantize.codebook_used" in sd
         unknown = sorted(set(overrides) - set(cfg))
         if unknown:
@@ -580,9 +572,7 @@ class VQTokenizer(ModelMixin, ConfigMixin):
         Equals ``decode_vectors(codebook[tokens], grid)``.
         """
         if not isinstance(tokens, Tensor):
-            raise ValueError(
-                f"tokens must be an integer tensor (B, h*w) or (B, h, w); got {type(tokens).__name__}"
-            )
+            raise ValueError(f"tokens must be an integer tensor (B, h*w) or (B, h, w); got {type(tokens).__name__}")
         if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
             raise ValueError(f"tokens must have an integer dtype (e.g. torch.long); got {tokens.dtype}")
         if tokens.ndim not in (2, 3):
@@ -674,9 +664,7 @@ class VQTokenizer(ModelMixin, ConfigMixin):
         if grid is None:
             side = math.isqrt(n)
             if side * side != n or n == 0:
-                raise ValueError(
-                    f"{name} hold {n} positions, not a square grid: pass grid=(h, w) with h*w = {n}"
-                )
+                raise ValueError(f"{name} hold {n} positions, not a square grid: pass grid=(h, w) with h*w = {n}")
             return side, side
         if grid[0] * grid[1] != n:
             raise ValueError(f"grid={grid} has {grid[0] * grid[1]} positions but {name} hold {n} per image")
