@@ -24,6 +24,17 @@ TINY_GPT = dict(
     ffn_dropout_p=0.0,
 )
 
+TINY_VQ = dict(
+    codebook_size=64,
+    codebook_embed_dim=8,
+    ch=32,
+    encoder_ch_mult=(1, 2),
+    decoder_ch_mult=(1, 2),
+    z_channels=32,
+    num_res_blocks=1,
+    codebook_show_usage=False,
+)
+
 
 def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.08) -> torch.nn.Module:
     """Give every parameter non-trivial random values (official init zeroes the output head)."""

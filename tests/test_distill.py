@@ -18,7 +18,7 @@ from distilled_decoding.distill import DistillConfig, load_config, train_student
 from distilled_decoding.recipe import load_recipe_config, run
 from distilled_decoding.student import DDStudent
 
-from .conftest import TINY_GPT, randomize_
+from .conftest import TINY_GPT, TINY_VQ, randomize_
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "distill_llamagen.py"
@@ -28,8 +28,7 @@ RECIPE = ROOT / "recipes" / "distill_llamagen.py"
 def saved_teacher(tmp_path_factory):
     root = tmp_path_factory.mktemp("teacher")
     randomize_(LlamaGen(**TINY_GPT), seed=5).save_pretrained(root / "gpt")
-    VQTokenizer(codebook_size=64, codebook_embed_dim=8, ch=32, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2),
-                z_channels=32, num_res_blocks=1, codebook_show_usage=False).save_pretrained(root / "vq")  # fmt: skip
+    VQTokenizer(**TINY_VQ).save_pretrained(root / "vq")  # fmt: skip
     return root
 
 

@@ -14,7 +14,7 @@ from distilled_decoding.sampling import FlowChooser, sample_tokens
 from distilled_decoding.student import DDStudent
 from distilled_decoding.trajectories import teacher_fingerprint
 
-from .conftest import TINY_GPT, randomize_
+from .conftest import TINY_GPT, TINY_VQ, randomize_
 
 SAMPLING = {"cfg_scale": 2.0, "cfg_interval": -1, "top_k": 32, "top_p": 1.0, "temperature": 1.0}
 
@@ -22,8 +22,7 @@ SAMPLING = {"cfg_scale": 2.0, "cfg_interval": -1, "top_k": 32, "top_p": 1.0, "te
 @pytest.fixture(scope="module")
 def parts():
     gpt = randomize_(LlamaGen(**TINY_GPT), seed=11).eval()
-    vq = VQTokenizer(codebook_size=64, codebook_embed_dim=8, ch=32, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2),
-                     z_channels=32, num_res_blocks=1, codebook_show_usage=False).eval()  # fmt: skip
+    vq = VQTokenizer(**TINY_VQ).eval()  # fmt: skip
     randomize_(vq.decoder, seed=4, scale=0.05)
     student = randomize_(DDStudent.from_teacher(gpt, vq.codebook, timesteps=(0, 6), split=9), seed=12).eval()
     with torch.no_grad():
@@ -173,8 +172,7 @@ def test_errors(parts):
         pipe.generate(noise, [0, 1], teacher=bigger, teacher_tokens=(2, 6))
     with pytest.raises(ValueError, match="output_type='jpg'"):
         pipe([0], output_type="jpg")
-    wrong = VQTokenizer(codebook_size=64, codebook_embed_dim=8, ch=32, encoder_ch_mult=(1, 2),
-                        decoder_ch_mult=(1, 2), z_channels=32, num_res_blocks=1, codebook_show_usage=False)  # fmt: skip
+    wrong = VQTokenizer(**TINY_VQ)
     with torch.no_grad():
         wrong.quantize.embedding.weight.mul_(-1)
     with pytest.raises(ValueError, match="tokenizer: its codebook"):

@@ -17,7 +17,7 @@ from distilled_decoding import LlamaGen, TrajectoryDataset, VQTokenizer, build_t
 from distilled_decoding.sampling import FlowChooser, sample_tokens
 from distilled_decoding.trajectories import TrajectoryError, sample_noise
 
-from .conftest import TINY_GPT, randomize_
+from .conftest import TINY_GPT, TINY_VQ, randomize_
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = dict(seed=3, cfg_scale=2.0, top_k=40, temperature=0.9)
@@ -26,8 +26,7 @@ SETTINGS = dict(seed=3, cfg_scale=2.0, top_k=40, temperature=0.9)
 @pytest.fixture(scope="module")
 def teacher():
     gpt = randomize_(LlamaGen(**TINY_GPT), seed=1).eval()
-    vq = VQTokenizer(codebook_size=64, codebook_embed_dim=8, ch=32, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2),
-                     z_channels=32, num_res_blocks=1, codebook_show_usage=False).eval()  # fmt: skip
+    vq = VQTokenizer(**TINY_VQ).eval()  # fmt: skip
     return gpt, vq
 
 
