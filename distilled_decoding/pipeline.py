@@ -204,6 +204,18 @@ class DistilledDecodingPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=out) if return_dict else (out,)
 
     # -- saving ---------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+        """As ``DiffusionPipeline.from_pretrained``, after importing the modules that define the components
+        (``model_index.json`` names e.g. ``distilled_decoding.student.DDVARStudent`` and
+        ``distilled_decoding.tokenizers.msvq.MultiScaleVQVAE``; diffusers only loads classes from modules that are
+        already imported, and ``import distilled_decoding`` is lazy)."""
+        import distilled_decoding.student  # noqa: F401
+        import distilled_decoding.tokenizers.msvq  # noqa: F401
+        import distilled_decoding.tokenizers.vq  # noqa: F401
+
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """Write the pipeline (safetensors only) and a model card ``README.md``; the folder is built next to the
         target and renamed into place, so an interrupted save leaves no half-written pipeline."""

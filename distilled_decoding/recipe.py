@@ -123,16 +123,28 @@ _SECTIONS = {"teacher": TeacherConfig, "trajectories": TrajectoryConfig, "distil
              "evaluate": EvalConfig}  # fmt: skip
 
 
-def load_recipe_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> RecipeConfig:
-    """Defaults ← YAML file ← ``section.key=value`` overrides (values parsed as YAML)."""
+def load_recipe_config(
+    path: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    defaults: dict[str, Any] | None = None,
+) -> RecipeConfig:
+    """Defaults ← YAML file ← ``section.key=value`` overrides (values parsed as YAML). ``defaults`` (same nested
+    layout as the YAML, e.g. ``{"teacher": {"kind": "var"}}``) replace the built-in defaults under the file, as
+    ``recipes/distill_var.py`` does for the embedded VAR teacher."""
+    import copy
+
     import yaml
 
-    data: dict[str, Any] = {}
+    data: dict[str, Any] = copy.deepcopy(dict(defaults or {}))
     if path is not None:
         loaded = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping with sections {sorted(_SECTIONS)}")
-        data = loaded
+        for key, value in loaded.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r}: expected section.key=value (e.g. distill.max_steps=500)")
@@ -223,6 +235,8 @@ def pipeline_info(cfg: RecipeConfig, ds: Any) -> dict[str, Any]:
     return {
         "name": Path(cfg.teacher.model).stem
         if Path(cfg.teacher.model).is_file()
+        else Path(cfg.teacher.model).name  # a VAR folder holds the whole teacher (digits_var)
+        if cfg.teacher.kind == "var"
         else Path(cfg.teacher.model).parent.name,
         "teacher": ds.teacher,
         "teacher_sampling": s["sampling"],

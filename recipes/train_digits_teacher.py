@@ -144,15 +144,21 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     images, labels = load_digits_images(32, "all")
     t0 = time.perf_counter()
-    vq, vq_log = train_vq(images, args.vq_steps, 64, 2e-3, args.seed)
+    if (out / "vq" / "config.json").is_file():  # a finished first stage is reused (the recipe is deterministic)
+        vq = VQTokenizer.from_pretrained(out / "vq").eval()
+        vq_log = json.loads((out / "vq_stage.json").read_text())
+        print(f"reusing the tokenizer in {out / 'vq'}")
+    else:
+        vq, vq_log = train_vq(images, args.vq_steps, 64, 2e-3, args.seed)
+        vq.save_pretrained(out / "vq")
+        (out / "vq_stage.json").write_text(json.dumps(vq_log))
     t_vq = time.perf_counter() - t0
     tokens, tok_labels = encode_dataset(vq, images, labels, args.copies, args.seed + 1)
     used = int(torch.unique(tokens).numel())
     gpt, gpt_log = train_gpt(tokens, tok_labels, args.gpt_steps, 128, 1e-3, args.seed + 2)
     t_all = time.perf_counter() - t0
-    out.mkdir(parents=True, exist_ok=True)
-    vq.save_pretrained(out / "vq")
     gpt.save_pretrained(out / "gpt")
+    (out / "vq_stage.json").unlink(missing_ok=True)
     with torch.no_grad():
         rec = vq.decode_tokens(tokens[: len(images)], grid=(8, 8))
         rec_err = float((rec.clamp(-1, 1) - to_model_range(images)).abs().mean())

@@ -1,0 +1,61 @@
+"""Distil a VAR teacher into a one/two-step generator, end to end.
+
+With no arguments it distils the embedded default VAR (``checkpoints/digits_var``: scales 1, 2, 4, 8 → 85 tokens,
+its multi-scale VQVAE inside) on CPU: builds the trajectories if the folder has none, trains the
+:class:`~distilled_decoding.student.DDVARStudent`, saves the pipeline, evaluates it against the teacher and writes a
+sample grid. Works with ``python`` and with ``accelerate launch``::
+
+    accelerate launch recipes/distill_var.py
+    accelerate launch recipes/distill_var.py --config recipes/configs/var_d16.yaml \\
+        teacher.model=/ckpt/var_d16.pth teacher.tokenizer=/ckpt/vae_ch160v4096z32.pth
+    python recipes/distill_var.py distill.max_steps=200 output_dir=runs/quick
+
+Timesteps and ``split`` count *scales* for VAR (the released d16 student: ``distill.timesteps=[0,5]``,
+``distill.split=5``; d20/d24: 4); ``evaluate.refine=[T, t2]`` is in scales too. The embedded default trains at
+timesteps (0, 2) with ``split=4`` (every scale from the logits head; see ``VAR_DEFAULTS``). Note that the teacher's
+``trajectories.cfg_scale`` is VAR's official ``cfg`` (a linear ramp over the scales, see
+:mod:`distilled_decoding.teachers.var`), not LlamaGen's constant scale.
+
+Overrides are ``section.field=value`` (sections: teacher, trajectories, distill, evaluate; top level:
+output_dir, stages). A killed run started again with the same settings resumes every stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from distilled_decoding.recipe import load_recipe_config, run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: The embedded default: the digits VAR, settings that finish in about a quarter of an hour on a 2-core CPU.
+VAR_DEFAULTS = {
+    "output_dir": "runs/digits_var",
+    "teacher": {"kind": "var", "model": str(ROOT / "checkpoints" / "digits_var"), "tokenizer": None},
+    "trajectories": {"num_samples": 6000, "batch_size": 200, "shard_size": 2000, "cfg_scale": 1.0, "top_k": 0},
+    # split 4 = every scale from the logits head (argmax codebook vectors): on the digits the MSE-trained continuous
+    # head gives blurry late scales (1-step FID 4.7 with split 2 vs 1.5 with split 4, same student)
+    "distill": {
+        "batch_size": 64,
+        "max_steps": 600,
+        "lr": 3e-4,
+        "warmup_steps": 30,
+        "ema_decay": 0.99,
+        "save_every": 200,
+        "split": 4,
+    },
+    "evaluate": {"num_images": 1000, "batch_size": 250},
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML file with sections teacher/trajectories/distill/evaluate")
+    p.add_argument("overrides", nargs="*", help="section.field=value")
+    args = p.parse_args(argv)
+    return run(load_recipe_config(args.config, args.overrides, defaults=VAR_DEFAULTS))
+
+
+if __name__ == "__main__":
+    main()
