@@ -32,6 +32,7 @@ _EXPORTS = {
     "TrajectoryDataset": "distilled_decoding.trajectories",
     # students and pipeline
     "DDStudent": "distilled_decoding.student",
+    "DDVARStudent": "distilled_decoding.student",
     "DistilledDecodingPipeline": "distilled_decoding.pipeline",
 }
 _SUBMODULES = {"flow", "sampling", "checkpoints", "trajectories", "student", "pipeline", "metrics", "bench"}

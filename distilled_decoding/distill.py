@@ -343,7 +343,8 @@ def _losses(model, wrapped, batch, t, cfg, decode, image_loss) -> dict[str, Tens
             raise ValueError("loss='ce+image' needs the tokenizer decoder (decode=...)")
         data = model.codebook[tokens]
         pos = torch.arange(tokens.shape[1], device=tokens.device)[None, :, None]
-        late = (pos >= model.config.split) & (pos >= t[:, None, None])
+        split = model.data_positions(torch.full_like(t, model.config.split))  # timestep units → token positions
+        late = (pos >= split[:, None, None]) & (pos >= model.data_positions(t)[:, None, None])
         pred = torch.where(late, losses["vectors"].to(data.dtype), data)
         fn = image_loss or (lambda a, b: (a - b).square().mean())
         img = fn(decode(pred), decode(data).detach())

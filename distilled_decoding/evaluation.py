@@ -103,7 +103,7 @@ def _timed(fn: Callable[[], Tensor]) -> tuple[Tensor, float]:
 def evaluate_pipeline(
     pipe: Any,
     teacher: Any,
-    reference: Tensor,
+    reference: Tensor | str | Path,
     *,
     num_images: int = 1000,
     batch_size: int = 250,
@@ -117,8 +117,9 @@ def evaluate_pipeline(
 ) -> dict[str, Any]:
     """Generate ``num_images`` images per sampler from the same noise and classes and measure them.
 
-    reference: real images, uint8 (M, 3, H, W). probs: per-class marginals (C, N, V) for the baselines (None: no
-    baselines). Returns ``{"rows": {name: metrics}, "images": {name: uint8 (B, 3, H, W)}, "labels", "settings"}``.
+    reference: real images, uint8 (M, 3, H, W), or a folder of real images (no class accuracy then).
+    probs: per-class marginals (C, N, V) for the baselines (None: no baselines).
+    Returns ``{"rows": {name: metrics}, "images": {name: uint8 (B, 3, H, W)}, "labels", "settings"}``.
     """
     from tqdm.auto import tqdm
 
@@ -162,6 +163,7 @@ def evaluate_pipeline(
 
     rows: dict[str, dict[str, Any]] = {}
     images: dict[str, Tensor] = {}
+    digits = not isinstance(reference, (str, Path))  # class accuracy needs the digits classifier's classes
     for name, (fn, steps) in tqdm(samplers.items(), desc="evaluating", unit="sampler", disable=not progress):
         chunks, seconds = [], 0.0
         for s in range(0, num_images, batch_size):
@@ -173,7 +175,7 @@ def evaluate_pipeline(
         m = compute_metrics(imgs, reference, feature_extractor=feature_extractor)
         rows[name] = {
             "fid": m["fid"], "is": m["is"], "precision": m["precision"], "recall": m["recall"],
-            "class_acc": class_accuracy(imgs, labels, classifier), "steps": steps,
+            "class_acc": class_accuracy(imgs, labels, classifier) if digits else None, "steps": steps,
             "images_per_s": num_images / seconds,
         }  # fmt: skip
     base = rows["teacher AR (flow map)"]["images_per_s"]
@@ -181,7 +183,7 @@ def evaluate_pipeline(
         r["speedup"] = r["images_per_s"] / base
     settings = {"num_images": num_images, "batch_size": batch_size, "seed": seed, "refine": list(refine),
                 "skip": list(skip), "feature_extractor": feature_extractor,
-                "reference_images": len(reference)}  # fmt: skip
+                "reference": str(reference) if not digits else f"digits ({len(reference)} images)"}  # fmt: skip
     return {"rows": rows, "images": images, "labels": labels, "settings": settings}
 
 
@@ -192,7 +194,9 @@ def format_table(rows: dict[str, dict[str, Any]]) -> str:
             ("images_per_s", "images/s", "{:.1f}"), ("speedup", "speedup", "{:.1f}x")]  # fmt: skip
     lines = ["| sampler | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
     for name, r in rows.items():
-        lines.append(f"| {name} | " + " | ".join(fmt.format(r[k]) for k, _, fmt in cols) + " |")
+        lines.append(
+            f"| {name} | " + " | ".join("—" if r[k] is None else fmt.format(r[k]) for k, _, fmt in cols) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -221,9 +225,14 @@ def evaluate_job(cfg: Any, teacher: Any, vq: Any) -> dict[str, Any]:
     labs = torch.stack([ds[i]["class_label"] for i in range(len(ds))])
     probs = marginals(toks, labs, teacher.vocab_size, teacher.num_classes)
     n_tok, n_steps = teacher.seq_len, len(teacher.decode_groups())
-    skip = tuple(ec.skip) if ec.skip is not None else tuple(sorted({max(1, n_steps // 8), max(1, n_steps // 4)}))
-    size = pipe.decode(pipe.student.codebook[torch.zeros(1, n_tok, dtype=torch.long)]).shape[-1]
-    reference, _ = load_digits_images(size=size)
+    # skip-1 is no baseline for VAR (its last scale depends on earlier scales only: one parallel step is exact)
+    default_skip = {n for n in (max(2, n_steps // 8), max(2, n_steps // 4)) if n < n_steps}
+    skip = tuple(ec.skip) if ec.skip is not None else tuple(sorted(default_skip))
+    if ec.reference == "digits":
+        size = pipe.decode(pipe.student.codebook[torch.zeros(1, n_tok, dtype=torch.long)]).shape[-1]
+        reference: Any = load_digits_images(size=size)[0]
+    else:
+        reference = Path(ec.reference)
     result = evaluate_pipeline(pipe, teacher, reference, num_images=ec.num_images, batch_size=ec.batch_size,
                                seed=ec.seed, refine=tuple(ec.refine) if ec.refine else None, skip=skip, probs=probs,
                                feature_extractor=ec.feature_extractor)  # fmt: skip
@@ -233,7 +242,10 @@ def evaluate_job(cfg: Any, teacher: Any, vq: Any) -> dict[str, Any]:
     table = format_table(rows)
     teacher_row = rows["teacher AR (flow map)"]
     ratios = {
-        name: {"fid_ratio": r["fid"] / teacher_row["fid"], "class_acc_gap": teacher_row["class_acc"] - r["class_acc"]}
+        name: {
+            "fid_ratio": r["fid"] / teacher_row["fid"],
+            "class_acc_gap": None if r["class_acc"] is None else teacher_row["class_acc"] - r["class_acc"],
+        }
         for name, r in rows.items()
     }
     report = {

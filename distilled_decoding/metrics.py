@@ -332,7 +332,7 @@ def _as_uint8_images(x: object, name: str) -> torch.Tensor:
 
 def compute_metrics(
     generated: torch.Tensor,
-    reference: torch.Tensor | None,
+    reference: torch.Tensor | str | os.PathLike | None,
     *,
     feature_extractor: str = FEATURE_EXTRACTOR_NAME,
     fid: bool = True,
@@ -353,7 +353,9 @@ def compute_metrics(
 
     Args:
         generated: ``(N, 3, H, W)`` uint8, or float in [0, 1]. IS is computed on these alone.
-        reference: ``(M, 3, H', W')`` real images, same conventions; may be ``None`` when only ``isc``.
+        reference: ``(M, 3, H', W')`` real images, same conventions, or a folder of PNG/JPEG images (read by
+            torch-fidelity, e.g. ImageNet validation images at the generated resolution); may be ``None`` when
+            only ``isc``.
         feature_extractor: ``"digits-cnn"`` (offline, default), ``"inception"`` / ``"inception-v3-compat"``
             (weights must be on disk, see the module docstring), or the name of an extractor you registered
             with torch-fidelity yourself (torch-fidelity's other built-ins are refused: they download).
@@ -378,7 +380,13 @@ def compute_metrics(
         raise ValueError("at least one of fid, isc, prc, kid must be True")
     gen = _as_uint8_images(generated, "generated")
     binary = fid or prc or kid
-    ref = _as_uint8_images(reference, "reference") if binary or reference is not None else None
+    ref_dir = None
+    if isinstance(reference, (str, os.PathLike)):
+        ref_dir = Path(reference)
+        if not ref_dir.is_dir():
+            raise ValueError(f"reference: {ref_dir} is not a folder of images")
+        reference = None
+    ref = _as_uint8_images(reference, "reference") if (binary and ref_dir is None) or reference is not None else None
     for name, x in (("generated", gen), ("reference", ref)):
         if x is None:
             continue
@@ -410,10 +418,11 @@ def compute_metrics(
             )
     kw: dict[str, object] = {}
     if kid:
-        kw["kid_subset_size"] = kid_subset_size or min(1000, gen.shape[0], ref.shape[0])
+        n_ref = ref.shape[0] if ref is not None else 1000
+        kw["kid_subset_size"] = kid_subset_size or min(1000, gen.shape[0], n_ref)
     out = torch_fidelity.calculate_metrics(
         input1=_ImageDataset(gen),
-        input2=_ImageDataset(ref) if ref is not None else None,
+        input2=str(ref_dir) if ref_dir is not None else (_ImageDataset(ref) if ref is not None else None),
         fid=fid,
         isc=isc,
         prc=prc,

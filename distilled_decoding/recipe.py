@@ -75,6 +75,7 @@ class TrajectoryConfig:
     top_k: int = 0
     top_p: float = 1.0
     temperature: float = 1.0
+    store_noise: bool = True  # False: regenerate noise from (seed, i) when read (VAR: 32x smaller folders)
 
     def sampling(self) -> dict[str, Any]:
         return {"cfg_scale": self.cfg_scale, "cfg_interval": self.cfg_interval, "top_k": self.top_k,
@@ -88,6 +89,7 @@ class EvalConfig:
     num_images: int = 1000
     batch_size: int = 250
     seed: int = 1234
+    reference: str = "digits"  # real images to compare with: the bundled digits, or a folder of images
     feature_extractor: str = "digits-cnn"
     refine: tuple[int, int] | None = None  # teacher_tokens (T, t2); None: (t2 - t2 // 4, t2)
     skip: tuple[int, ...] | None = None  # skip-n baselines; None: (N // 8, N // 4)
@@ -191,23 +193,24 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
-    gpt, vq = cfg.teacher.load()
+    teacher, tokenizer = cfg.teacher.load()
     summary: dict[str, Any] = {"output_dir": str(out)}
 
     if "trajectories" in cfg.stages:
         from distilled_decoding.trajectories import build_trajectories
 
         tc = cfg.trajectories
-        build_trajectories(gpt, cfg.trajectory_dir, num_samples=tc.num_samples, batch_size=tc.batch_size,
-                           seed=tc.seed, codebook=vq.codebook, shard_size=tc.shard_size, **tc.sampling())  # fmt: skip
+        build_trajectories(teacher, cfg.trajectory_dir, num_samples=tc.num_samples, batch_size=tc.batch_size,
+                           seed=tc.seed, codebook=tokenizer.codebook, shard_size=tc.shard_size,
+                           store_noise=tc.store_noise, **tc.sampling())  # fmt: skip
     student = None
     if "train" in cfg.stages:
         from distilled_decoding.distill import train_student
 
-        vq_dev = vq.to(state.device)
-        decode = lambda v: vq_dev.decode_vectors(v)  # noqa: E731
-        student = train_student(cfg.distill, teacher=gpt, codebook=vq.codebook, decode=decode)
-        vq = vq.to("cpu")
+        tok_dev = tokenizer.to(state.device)
+        decode = lambda v: tok_dev.decode_vectors(v)  # noqa: E731
+        student = train_student(cfg.distill, teacher=teacher, codebook=tokenizer.codebook, decode=decode)
+        tokenizer = tokenizer.to("cpu")
         if state.is_main_process:
             student.save_pretrained(Path(cfg.distill.output_dir) / "final")
     if "save" in cfg.stages and state.is_main_process:
@@ -218,14 +221,14 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
             final = Path(cfg.distill.output_dir) / "final"
             student = _student_class(final).from_pretrained(final)
         info = pipeline_info(cfg, TrajectoryDataset(cfg.trajectory_dir))
-        pipe = DistilledDecodingPipeline(student=student, tokenizer=vq, info=info)
+        pipe = DistilledDecodingPipeline(student=student, tokenizer=tokenizer, info=info)
         pipe.save_pretrained(cfg.pipeline_dir)
         summary["pipeline"] = str(cfg.pipeline_dir)
     state.wait_for_everyone()
     if "evaluate" in cfg.stages and state.is_main_process:
         from distilled_decoding.evaluation import evaluate_job
 
-        summary["evaluation"] = evaluate_job(cfg, gpt, vq)
+        summary["evaluation"] = evaluate_job(cfg, teacher, tokenizer)
     return summary
 
 

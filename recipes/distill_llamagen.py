@@ -6,7 +6,7 @@ against the teacher and writes a sample grid. Works with ``python`` and with ``a
 
     accelerate launch recipes/distill_llamagen.py
     accelerate launch recipes/distill_llamagen.py --config recipes/configs/llamagen_b.yaml \\
-        teacher.gpt=/ckpt/c2i_B_256.pt teacher.vq=/ckpt/vq_ds16_c2i.pt
+        teacher.model=/ckpt/c2i_B_256.pt teacher.tokenizer=/ckpt/vq_ds16_c2i.pt
     python recipes/distill_llamagen.py distill.max_steps=200 output_dir=runs/quick
 
 Overrides are ``section.field=value`` (sections: teacher, trajectories, distill, evaluate; top level:

@@ -113,3 +113,12 @@ def test_command_line_entry_points():
     res = subprocess.run([sys.executable, "-m", "distilled_decoding", "bench", "--what", "nonsense"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
     assert res.returncode != 0 and "--what: unknown ['nonsense']" in res.stderr
+
+
+@pytest.mark.parametrize("name", ["llamagen_b", "llamagen_l", "var_d16", "var_d20", "var_d24"])
+def test_official_configs_load(name):
+    cfg = load_recipe_config(ROOT / "recipes" / "configs" / f"{name}.yaml", ["output_dir=/x"])
+    assert cfg.distill.trajectories == "/x/trajectories" and "evaluate" not in cfg.stages
+    assert cfg.evaluate.feature_extractor == "inception" and cfg.trajectories.store_noise == name.startswith("llamagen")
+    expected = {"llamagen_b": (0, 80), "llamagen_l": (0, 80), "var_d16": (0, 5), "var_d20": (0, 4), "var_d24": (0, 4)}
+    assert cfg.distill.timesteps == expected[name]

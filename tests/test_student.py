@@ -146,3 +146,13 @@ def test_input_errors(student_pair):
         DDStudent(dim=64, n_layer=1, n_head=4, block_size=16, split=5, timesteps=(3, 5))
     with pytest.raises(ValueError, match="split=20"):
         DDStudent(dim=64, n_layer=1, n_head=4, block_size=16, split=20, timesteps=(0, 5))
+
+
+@pytest.mark.parametrize("preset, params", [("GPT-B", 98_321_672), ("GPT-L", 326_155_272)])
+def test_full_size_students_on_meta(preset, params):
+    """The paper's student sizes (98.3M / 326M: the teacher minus its token table plus the new parts)."""
+    with torch.device("meta"):
+        gpt = LlamaGen.from_preset(preset)
+        student = DDStudent.from_teacher(gpt, torch.zeros(16384, 8), init_input="random")
+    assert sum(p.numel() for p in student.parameters()) == params
+    assert student.config.timesteps == (0, 80) and student.config.split == 80
