@@ -1,0 +1,284 @@
+"""The categorical flow map: pushforward, determinism, convergence, extreme inputs, validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from distilled_decoding import flow
+from distilled_decoding.flow import denoise, noise_to_tokens, posterior_logits, time_grid, velocity
+
+
+def _codebook(v: int, d: int, seed: int, normalise: bool = True) -> torch.Tensor:
+    c = torch.randn(v, d, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.normalize(c, dim=-1) if normalise else c * 0.5
+
+
+def _p_kind(kind: str, v: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "flat":
+        return torch.zeros(v)
+    if kind == "peaked":
+        return torch.randn(v, generator=g) * 3.0
+    # top-k truncated: 20 codes kept, the rest excluded
+    lg = torch.randn(v, generator=g) * 1.5
+    lg[lg.argsort(descending=True)[20:]] = float("-inf")
+    return lg
+
+
+def _histogram_test(tokens: torch.Tensor, p: torch.Tensor) -> tuple[float, float, float]:
+    """(chi-square p-value, TV of the histogram, TV bound = multinomial floor mean + 5 sd)."""
+    n = tokens.numel()
+    counts = torch.bincount(tokens, minlength=p.numel()).double()
+    expected = p.double() * n
+    if bool((counts[expected == 0] > 0).any()):
+        return 0.0, 1.0, 0.0  # a zero-probability code was returned
+    big = expected >= 5  # merge small cells so that the chi-square approximation holds
+    obs = torch.cat([counts[big], counts[~big].sum().view(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
+    keep = exp > 0
+    chi2 = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
+    pval = float(stats.chi2.sf(chi2, int(keep.sum()) - 1))
+    tv = 0.5 * float((counts / n - p.double()).abs().sum())
+    g = torch.Generator().manual_seed(123)
+    draws = [torch.multinomial(p.double(), n, True, generator=g).bincount(minlength=p.numel()) for _ in range(20)]
+    floor = torch.stack([0.5 * (c / n - p).abs().sum() for c in draws])
+    return pval, tv, float(floor.mean() + 5 * floor.std())
+
+
+N_PUSH = 10000
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Many small element-wise ops: one thread is faster than two on a shared CPU (and times stay stable)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("kind", ["flat", "peaked", "topk"])
+def test_pushforward_matches_softmax(kind: str) -> None:
+    v, d = 64, 8
+    cb = _codebook(v, d, seed=1)
+    logits = _p_kind(kind, v, seed=2)
+    noise = torch.randn(N_PUSH, d, generator=torch.Generator().manual_seed(3))
+    tokens = noise_to_tokens(noise, logits.expand(N_PUSH, v), cb)
+    p = torch.softmax(logits.double(), dim=0)
+    pval, tv, bound = _histogram_test(tokens, p)
+    assert pval > 1e-3, f"{kind}: chi-square p-value {pval:.2e}"
+    assert tv < bound, f"{kind}: TV {tv:.4f} above the multinomial bound {bound:.4f}"
+
+
+def test_pushforward_raw_codebook() -> None:
+    """Unnormalised codebook (VAR-like, varying norms), non-power-of-two V and D."""
+    v, d = 100, 5
+    cb = _codebook(v, d, seed=4, normalise=False) * 3.0
+    logits = torch.randn(v, generator=torch.Generator().manual_seed(5)) * 1.5
+    noise = torch.randn(N_PUSH, d, generator=torch.Generator().manual_seed(6))
+    tokens = noise_to_tokens(noise, logits.expand(N_PUSH, v), cb)
+    pval, tv, bound = _histogram_test(tokens, torch.softmax(logits.double(), dim=0))
+    assert pval > 1e-3 and tv < bound, (pval, tv, bound)
+
+
+@pytest.mark.parametrize("wrong", ["ignore_log_p", "sharpened", "euler_2_steps"])
+def test_pushforward_check_detects_a_wrong_map(wrong: str) -> None:
+    """Negative controls: the same statistics reject maps whose pushforward is not softmax(logits)."""
+    v, d = 64, 8
+    cb = _codebook(v, d, seed=1)
+    logits = _p_kind("peaked", v, seed=2)
+    noise = torch.randn(N_PUSH, d, generator=torch.Generator().manual_seed(3))
+    if wrong == "ignore_log_p":
+        tokens = noise_to_tokens(noise, torch.zeros(N_PUSH, v), cb)
+    elif wrong == "sharpened":
+        tokens = noise_to_tokens(noise, (logits * 2).expand(N_PUSH, v), cb)
+    else:  # a far too coarse solver is biased, and the test sees it
+        tokens = noise_to_tokens(noise, logits.expand(N_PUSH, v), cb, steps=2, solver="euler")
+    pval, tv, bound = _histogram_test(tokens, torch.softmax(logits.double(), dim=0))
+    assert pval < 1e-6 and tv > bound, (wrong, pval, tv, bound)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# determinism
+# ------------------------------------------------------------------------------------------------------------
+def _mixed_rows(n: int, v: int, seed: int) -> torch.Tensor:
+    """Rows with full support, random top-k sizes, and one-hot rows."""
+    g = torch.Generator().manual_seed(seed)
+    lg = torch.randn(n, v, generator=g) * 2.0
+    for i in range(n):
+        if i % 3 == 1:
+            k = int(torch.randint(1, v, (1,), generator=g))
+            lg[i, lg[i].argsort()[: v - k]] = float("-inf")
+        elif i % 7 == 2:
+            lg[i] = float("-inf")
+            lg[i, int(torch.randint(0, v, (1,), generator=g))] = 0.0
+    return lg
+
+
+def test_deterministic_across_batch_size_order_and_chunking() -> None:
+    v, d, n = 300, 6, 64
+    cb = _codebook(v, d, seed=7, normalise=False)
+    logits = _mixed_rows(n, v, seed=8)
+    noise = torch.randn(n, d, generator=torch.Generator().manual_seed(9))
+    ref = noise_to_tokens(noise, logits, cb)
+    singles = torch.cat([noise_to_tokens(noise[i : i + 1], logits[i : i + 1], cb) for i in range(n)])
+    sevens = torch.cat([noise_to_tokens(noise[i : i + 7], logits[i : i + 7], cb) for i in range(0, n, 7)])
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(10))
+    shuffled = torch.empty_like(ref)
+    shuffled[perm] = noise_to_tokens(noise[perm], logits[perm], cb)
+    chunked = noise_to_tokens(noise, logits, cb, chunk_elements=1)  # one row per chunk
+    shaped = noise_to_tokens(noise.view(4, 16, d), logits.view(4, 16, v), cb)
+    assert torch.equal(ref, singles)
+    assert torch.equal(ref, sevens)
+    assert torch.equal(ref, shuffled)
+    assert torch.equal(ref, chunked)
+    assert torch.equal(ref.view(4, 16), shaped)
+
+
+def test_denoise_bits_do_not_depend_on_the_batch() -> None:
+    """The kernel itself is batch invariant to the bit (no matmul / library reduction), also for V = 65536."""
+    for v, d in [(300, 6), (65536, 8)]:
+        cb = _codebook(v, d, seed=11)
+        g = torch.Generator().manual_seed(12)
+        x = torch.randn(9, d, generator=g)
+        lp = torch.randn(9, v, generator=g)
+        full = denoise(x, 0.3, lp, cb)
+        for i in (0, 4, 8):
+            assert torch.equal(full[i : i + 1], denoise(x[i : i + 1], 0.3, lp[i : i + 1], cb))
+        assert torch.equal(full[2:9], denoise(x[2:9], 0.3, lp[2:9], cb))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# convergence
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("solver", ["euler", "dpm3m"])
+def test_mismatch_decreases_with_steps(solver: str) -> None:
+    v, d, n = 256, 8, 3000
+    cb = _codebook(v, d, seed=13)
+    logits = torch.randn(v, generator=torch.Generator().manual_seed(14)).expand(n, v)
+    noise = torch.randn(n, d, generator=torch.Generator().manual_seed(15))
+    ref = noise_to_tokens(noise, logits, cb, steps=128, solver="dpm3m", t_min=0.01)
+    rates = [
+        float((noise_to_tokens(noise, logits, cb, steps=s, solver=solver) != ref).float().mean())
+        for s in (2, 4, 8, 16, 32)
+    ]
+    assert all(b <= a + 0.002 for a, b in zip(rates, rates[1:])), rates
+    assert rates[0] > 3 * rates[-1], rates
+    if solver == "dpm3m":
+        assert rates[-1] < 0.01, rates
+
+
+# ------------------------------------------------------------------------------------------------------------
+# extreme logits
+# ------------------------------------------------------------------------------------------------------------
+def test_one_hot_and_sparse_rows() -> None:
+    v, d, n = 512, 8, 400
+    cb = _codebook(v, d, seed=16)
+    g = torch.Generator().manual_seed(17)
+    noise = torch.randn(n, d, generator=g) * 3.0
+    one_hot = torch.full((n, v), float("-inf"))
+    target = torch.randint(0, v, (n,), generator=g)
+    one_hot[torch.arange(n), target] = 5.0
+    assert torch.equal(noise_to_tokens(noise, one_hot, cb), target)
+    sparse = torch.full((n, v), float("-inf"))
+    allowed = torch.tensor([3, 200, 511])
+    sparse[:, allowed] = torch.tensor([0.0, -1e30, 2.0])  # the middle one is finite but negligible
+    tok = noise_to_tokens(noise, sparse, cb)
+    assert bool(torch.isin(tok, allowed[[0, 2]]).all())
+
+
+def test_zero_probability_codes_never_win() -> None:
+    """Excluded codes lie right where the noise lands; they must still never be returned."""
+    v, d, n = 128, 8, 4000
+    cb = _codebook(v, d, seed=18)
+    g = torch.Generator().manual_seed(19)
+    logits = torch.randn(n, v, generator=g)
+    excluded = torch.rand(n, v, generator=g) < 0.9
+    excluded[:, 0] = False
+    logits[excluded] = float("-inf")
+    near = cb[torch.randint(0, v, (n,), generator=g)] + 0.01 * torch.randn(n, d, generator=g)
+    for steps, solver in [(24, None), (1, "euler"), (3, "heun")]:
+        tok = noise_to_tokens(near, logits, cb, steps=steps, solver=solver)
+        assert not bool(excluded[torch.arange(n), tok].any())
+
+
+def test_huge_vocab_low_precision_inputs_and_outliers() -> None:
+    v, d = 65536, 8
+    cb = _codebook(v, d, seed=20)
+    g = torch.Generator().manual_seed(21)
+    logits = torch.randn(3, v, generator=g) * 4
+    logits[1, 100:] = float("-inf")
+    noise = torch.randn(3, d, generator=g)
+    noise[2] *= 1e3  # far outlier
+    tok = noise_to_tokens(noise, logits, cb, steps=4)
+    assert tok.dtype == torch.long and tok.shape == (3,)
+    assert bool(((tok >= 0) & (tok < v)).all()) and int(tok[1]) < 100
+    small = noise_to_tokens(noise[:2].half(), logits[:2].bfloat16(), cb.half(), steps=4)
+    assert small.shape == (2,) and int(small[1]) < 100
+    assert torch.equal(noise_to_tokens(noise.double(), logits.double(), cb.double(), steps=4), tok)
+
+
+def test_denoise_and_velocity_match_the_formula() -> None:
+    v, d = 50, 6
+    cb = _codebook(v, d, seed=22, normalise=False)
+    g = torch.Generator().manual_seed(23)
+    x = torch.randn(2, 3, d, generator=g)
+    lp = torch.log_softmax(torch.randn(2, 3, v, generator=g), dim=-1)
+    lp[0, 0, 5:] = float("-inf")
+    for t in (1.0, 0.7, 0.2, 0.05):
+        a = 1 - t
+        dist = ((x.double().unsqueeze(-2) - a * cb.double()) ** 2).sum(-1)
+        w = torch.softmax(lp.double() - dist / (2 * t * t), dim=-1)
+        x0 = w @ cb.double()
+        torch.testing.assert_close(denoise(x, t, lp, cb).double(), x0, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(velocity(x, t, lp, cb).double(), (x.double() - x0) / t, atol=2e-4, rtol=1e-4)
+        logw = posterior_logits(x, t, lp, cb).double()
+        ok = torch.isfinite(lp)
+        ref = (lp.double() - dist / (2 * t * t)).masked_fill(~ok, 0)
+        got = logw.masked_fill(~ok, 0)
+        shift = (got - ref)[..., :1]  # equal up to a per-row constant
+        torch.testing.assert_close((got - shift).masked_fill(~ok, 0), ref, atol=1e-3, rtol=1e-5)
+
+
+def test_time_grid() -> None:
+    for grid in flow.GRIDS:
+        for steps in (1, 2, 24):
+            ts = time_grid(steps, grid, t_min=0.05)
+            assert len(ts) == steps + 1 and ts[0] == 1.0 and ts[-1] == 0.05
+            assert all(a > b for a, b in zip(ts, ts[1:])), (grid, ts)
+    geo = time_grid(4, "geometric", t_min=0.0625)
+    assert all(math.isclose(a, b) for a, b in zip(geo, [1, 0.5, 0.25, 0.125, 0.0625]))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# validation
+# ------------------------------------------------------------------------------------------------------------
+def test_input_validation() -> None:
+    cb = _codebook(16, 4, seed=24)
+    noise, logits = torch.randn(5, 4), torch.randn(5, 16)
+    cases = [
+        (dict(noise=torch.randn(5, 3)), "noise: last dim must equal the codebook dim D=4"),
+        (dict(logits=torch.randn(5, 15)), "logits: last dim must equal the codebook size V=16"),
+        (dict(logits=torch.randn(6, 16)), "leading shape"),
+        (dict(noise=torch.zeros(5, 4, dtype=torch.long)), "noise: expected a floating-point tensor"),
+        (dict(logits=torch.zeros(5, 16, dtype=torch.long)), "logits: expected a floating-point tensor"),
+        (dict(codebook=torch.zeros(16, 4, dtype=torch.int32)), "codebook: expected a floating-point"),
+        (dict(codebook=torch.randn(16)), "codebook: expected shape"),
+        (dict(steps=0), "steps=0"),
+        (dict(solver="rk4"), "solver='rk4'"),
+        (dict(grid="cosine"), "grid='cosine'"),
+        (dict(t_min=0.0), "t_min=0.0"),
+        (dict(logits=torch.full((5, 16), float("-inf"))), "logits: every row needs at least one finite"),
+        (dict(logits=torch.full((5, 16), float("nan"))), "logits: NaN or \\+inf"),
+        (dict(logits=torch.full((5, 16), float("inf"))), "logits: NaN or \\+inf"),
+        (dict(noise=torch.full((5, 4), float("nan"))), "noise: entries must be finite"),
+        (dict(prune_nats=0.0), "prune_nats=0.0"),
+    ]
+    for kwargs, message in cases:
+        args = {**dict(noise=noise, logits=logits, codebook=cb), **kwargs}
+        with pytest.raises(ValueError, match=message):
+            noise_to_tokens(**args)
