@@ -44,7 +44,7 @@ class DistillConfig:
     output_dir: str = "runs/digits/student"
     # student
     timesteps: tuple[int, ...] | None = None  # None: (0, round(0.3125 N)), the official LlamaGen schedule
-    split: int | None = None  # None: the last timestep (official LlamaGen-B: split = t2 = 80)
+    split: int | None = None  # None: the last timestep (official LlamaGen-B: split = t2 = 80); loss "ce": all
     init_input: str = "lstsq"
     loss: str = "ce+mse"
     cont_weight: float = 1.0
@@ -238,8 +238,17 @@ def train_student(
                 f"{theirs['codebook_sha256'][:12]}; given: {mine['class']} weights {mine['weights_sha256'][:12]}, "
                 f"codebook {mine['codebook_sha256'][:12]})"
             )
-        student = student_from_teacher(teacher, codebook.cpu(), split=cfg.split, timesteps=cfg.timesteps,
+        split = cfg.split
+        if split is None and cfg.loss == "ce":  # no continuous head is trained: every position from the logits
+            split = len(teacher.patch_nums) if hasattr(teacher, "patch_nums") else teacher.config.block_size
+        student = student_from_teacher(teacher, codebook.cpu(), split=split, timesteps=cfg.timesteps,
                                        init_input=cfg.init_input)  # fmt: skip
+    full = len(student.patch_nums) if hasattr(student, "patch_nums") else student.seq_len
+    if cfg.loss == "ce" and student.config.split < full:
+        raise ValueError(
+            f"loss='ce' trains no continuous head, but split={student.config.split} would read positions after it "
+            f"from that head; use split={full} (or leave split unset) or loss='ce+mse' / 'ce+image'"
+        )
     if ds.seq_len != student.seq_len or ds.codebook_dim != student.config.codebook_dim:
         raise ValueError(
             f"{cfg.trajectories}: pairs of {ds.seq_len} tokens × {ds.codebook_dim} dims do not fit the student "
@@ -343,8 +352,7 @@ def _losses(model, wrapped, batch, t, cfg, decode, image_loss) -> dict[str, Tens
             raise ValueError("loss='ce+image' needs the tokenizer decoder (decode=...)")
         data = model.codebook[tokens]
         pos = torch.arange(tokens.shape[1], device=tokens.device)[None, :, None]
-        split = model.data_positions(torch.full_like(t, model.config.split))  # timestep units → token positions
-        late = (pos >= split[:, None, None]) & (pos >= model.data_positions(t)[:, None, None])
+        late = (pos >= model.split_position) & (pos >= model.data_positions(t)[:, None, None])
         pred = torch.where(late, losses["vectors"].to(data.dtype), data)
         fn = image_loss or (lambda a, b: (a - b).square().mean())
         img = fn(decode(pred), decode(data).detach())

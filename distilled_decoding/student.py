@@ -112,7 +112,62 @@ class LabelTable(nn.Module):
         return self.embedding_table(labels).unsqueeze(1)
 
 
-class DDStudent(ModelMixin, ConfigMixin):
+class _FewStepMixin:
+    """Sampling and distillation losses shared by both student flavours. Needs ``check_inputs``,
+    ``data_positions`` (timesteps → number of leading data positions), ``predict``, ``codebook`` and
+    ``split_position`` (first position read from the continuous head)."""
+
+    @torch.no_grad()
+    def sample(self, noise: Tensor, class_labels: Tensor, timesteps: Sequence[int] = (0,)) -> tuple[Tensor, Tensor]:
+        """Few-step sampling (official ``sample.py``): for each t in ``timesteps`` re-noise the positions after
+        the first t (LlamaGen: tokens; VAR: scales) with the *same* noise and run one step.
+        noise (B, N, D) → (vectors (B, N, D), tokens (B, N))."""
+        self.check_inputs(noise, class_labels)
+        noise = noise.to(self.codebook.dtype)
+        x, tokens = noise, None
+        for step in timesteps:
+            t = torch.full((noise.shape[0],), int(step), dtype=torch.long, device=noise.device)
+            x, tokens = self.predict(perturb(x, self.data_positions(t), noise), class_labels, t)
+        return x, tokens
+
+    # -- training -------------------------------------------------------------------------------------------------
+    def loss(
+        self,
+        noise: Tensor,
+        tokens: Tensor,
+        class_labels: Tensor,
+        t: Tensor,
+        *,
+        cont_weight: float = 1.0,
+        ce_weight: float = 1.0,
+        forward: Any = None,
+    ) -> dict[str, Tensor]:
+        """Distillation losses for pairs (noise (B, N, D), tokens (B, N)) at timesteps t (B,) (the first
+        ``data_positions(t)`` positions are data).
+
+        The input X_t is assembled on the fly: codebook vectors of the data positions, original noise after.
+        ``ce``: cross-entropy of the logits head at every noise position (≥ t) against the teacher's tokens;
+        ``mse``: codebook-space squared error of the continuous head at noise positions ≥ ``split_position``;
+        both averaged per sample first, then over the batch (so a batch split across processes gives the same
+        loss). ``total`` = ce_weight·ce + cont_weight·mse. ``logits`` / ``vectors`` are the raw head outputs
+        (for extra terms such as an image-space loss). ``forward`` replaces ``self`` for the network call (a
+        DistributedDataParallel wrapper of this module).
+        """
+        data = self.codebook[tokens]
+        n_data = self.data_positions(t)
+        x_t = perturb(data, n_data, noise.to(data.dtype))
+        logits, cont = (forward or self)(x_t, class_labels, t)
+        pos = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
+        noisy = (pos >= n_data[:, None]).float()
+        ce = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
+        ce = ((ce * noisy).sum(1) / noisy.sum(1).clamp_min(1)).mean()
+        late = noisy * (pos >= self.split_position).float()
+        mse = (((cont - data.float()).square().mean(-1) * late).sum(1) / late.sum(1).clamp_min(1)).mean()
+        total = ce_weight * ce + cont_weight * mse
+        return {"ce": ce, "mse": mse, "total": total, "logits": logits, "vectors": cont}
+
+
+class DDStudent(_FewStepMixin, ModelMixin, ConfigMixin):
     """LlamaGen DD student. ``student(x, class_labels, t)`` → (logits (B, N, V) fp32, vectors (B, N, D) fp32).
 
     Config: the teacher's backbone fields (official ModelArgs names), ``codebook_dim`` D, ``split`` (positions
@@ -271,6 +326,11 @@ class DDStudent(ModelMixin, ConfigMixin):
         """Number of leading data positions at timestep t (B,): for LlamaGen the timestep counts tokens."""
         return t
 
+    @property
+    def split_position(self) -> int:
+        """First position read from the continuous head (``config.split``: LlamaGen counts tokens)."""
+        return self.config.split
+
     # -- forward ------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, class_labels: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """x (B, N, D) noise/data vectors, class_labels (B,) long, t (B,) long (leading data positions)
@@ -319,54 +379,7 @@ class DDStudent(ModelMixin, ConfigMixin):
         tokens = torch.where(known, nearest_codes(x_t, self.codebook), tokens)
         quant = self.codebook[tokens]
         cont = torch.where(known[..., None], x_t.to(quant.dtype), cont.to(quant.dtype))
-        return torch.where((pos < self.config.split)[..., None], quant, cont), tokens
-
-    @torch.no_grad()
-    def sample(self, noise: Tensor, class_labels: Tensor, timesteps: Sequence[int] = (0,)) -> tuple[Tensor, Tensor]:
-        """Few-step sampling: for each t in ``timesteps`` re-noise positions ≥ t with the *same* noise and run one
-        step. noise (B, N, D) → (vectors (B, N, D), tokens (B, N))."""
-        self.check_inputs(noise, class_labels)
-        noise = noise.to(self.codebook.dtype)
-        x, tokens = noise, None
-        for step in timesteps:
-            t = torch.full((noise.shape[0],), int(step), dtype=torch.long, device=noise.device)
-            x, tokens = self.predict(perturb(x, self.data_positions(t), noise), class_labels, t)
-        return x, tokens
-
-    # -- training -------------------------------------------------------------------------------------------------
-    def loss(
-        self,
-        noise: Tensor,
-        tokens: Tensor,
-        class_labels: Tensor,
-        t: Tensor,
-        *,
-        cont_weight: float = 1.0,
-        ce_weight: float = 1.0,
-        forward: Any = None,
-    ) -> dict[str, Tensor]:
-        """Distillation losses for pairs (noise (B, N, D), tokens (B, N)) at timesteps t (B,).
-
-        The input X_t is assembled on the fly: codebook vectors of the first t tokens, original noise after.
-        ``ce``: cross-entropy of the logits head at every noise position (≥ t) against the teacher's tokens;
-        ``mse``: codebook-space squared error of the continuous head at noise positions ≥ split (mean over D);
-        both averaged per sample first, then over the batch (so a batch split across processes gives the same
-        loss). ``total`` = ce_weight·ce + cont_weight·mse. ``logits`` / ``vectors`` are the raw head outputs
-        (for extra terms such as an image-space loss). ``forward`` replaces ``self`` for the network call (a
-        DistributedDataParallel wrapper of this module).
-        """
-        data = self.codebook[tokens]
-        n_data = self.data_positions(t)
-        x_t = perturb(data, n_data, noise.to(data.dtype))
-        logits, cont = (forward or self)(x_t, class_labels, t)
-        pos = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
-        noisy = (pos >= n_data[:, None]).float()
-        ce = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
-        ce = ((ce * noisy).sum(1) / noisy.sum(1).clamp_min(1)).mean()
-        late = noisy * (pos >= self.config.split).float()
-        mse = (((cont - data.float()).square().mean(-1) * late).sum(1) / late.sum(1).clamp_min(1)).mean()
-        total = ce_weight * ce + cont_weight * mse
-        return {"ce": ce, "mse": mse, "total": total, "logits": logits, "vectors": cont}
+        return torch.where((pos < self.split_position)[..., None], quant, cont), tokens
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -400,7 +413,7 @@ class _DDVARBlock(_AdaLNSelfAttn):
         return x + self.drop_path(self.ffn(self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2)).mul(gamma2))
 
 
-class DDVARStudent(ModelMixin, ConfigMixin):
+class DDVARStudent(_FewStepMixin, ModelMixin, ConfigMixin):
     """VAR DD student (official ``VAR/models/dd.py`` ``DD_Model``; the state-dict keys are the official ones, so the
     released ``VAR-DD/var-d{16,20,24}.pth`` load with :meth:`from_official`).
 
@@ -729,52 +742,6 @@ class DDVARStudent(ModelMixin, ConfigMixin):
         quant = self.codebook[tokens]
         cont = torch.where(known[..., None], x_t.to(quant.dtype), cont.to(quant.dtype))
         return torch.where((pos < self.split_position)[..., None], quant, cont), tokens
-
-    @torch.no_grad()
-    def sample(self, noise: Tensor, class_labels: Tensor, timesteps: Sequence[int] = (0,)) -> tuple[Tensor, Tensor]:
-        """Few-step sampling (official ``VAR/sample.py``): for each t in ``timesteps`` (completed scales) re-noise
-        the positions after the first t scales with the *same* noise and run one step. noise (B, N, D) →
-        (vectors (B, N, D), tokens (B, N))."""
-        self.check_inputs(noise, class_labels)
-        noise = noise.to(self.codebook.dtype)
-        x, tokens = noise, None
-        for step in timesteps:
-            t = torch.full((noise.shape[0],), int(step), dtype=torch.long, device=noise.device)
-            x, tokens = self.predict(perturb(x, self.data_positions(t), noise), class_labels, t)
-        return x, tokens
-
-    # -- training -------------------------------------------------------------------------------------------------
-    def loss(
-        self,
-        noise: Tensor,
-        tokens: Tensor,
-        class_labels: Tensor,
-        t: Tensor,
-        *,
-        cont_weight: float = 1.0,
-        ce_weight: float = 1.0,
-        forward: Any = None,
-    ) -> dict[str, Tensor]:
-        """Distillation losses for pairs (noise (B, N, D), tokens (B, N)) at timesteps t (B,) (completed scales).
-
-        X_t is assembled on the fly (codebook vectors of the first t scales, original noise after). ``ce``:
-        cross-entropy of the logits head at every noise position against the teacher's tokens; ``mse``:
-        codebook-space squared error (mean over D) of the continuous head at noise positions ≥ ``split_position``;
-        each averaged per sample first, then over the batch (a batch split across processes gives the same loss).
-        ``total`` = ce_weight·ce + cont_weight·mse; ``logits`` / ``vectors`` are the raw head outputs. ``forward``
-        replaces ``self`` for the network call (a DistributedDataParallel wrapper of this module)."""
-        data = self.codebook[tokens]
-        n_data = self.data_positions(t)
-        x_t = perturb(data, n_data, noise.to(data.dtype))
-        logits, cont = (forward or self)(x_t, class_labels, t)
-        pos = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
-        noisy = (pos >= n_data[:, None]).float()
-        ce = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
-        ce = ((ce * noisy).sum(1) / noisy.sum(1).clamp_min(1)).mean()
-        late = noisy * (pos >= self.split_position).float()
-        mse = (((cont - data.float()).square().mean(-1) * late).sum(1) / late.sum(1).clamp_min(1)).mean()
-        total = ce_weight * ce + cont_weight * mse
-        return {"ce": ce, "mse": mse, "total": total, "logits": logits, "vectors": cont}
 
 
 def _dd_var_mask(lvl: Tensor) -> Tensor:

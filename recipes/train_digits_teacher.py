@@ -66,7 +66,9 @@ def augmented(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return to_model_range(random_affine(images, generator=g))
 
 
-def train_vq(images: torch.Tensor, steps: int, batch: int, lr: float, seed: int, device: torch.device) -> tuple[VQTokenizer, dict]:
+def train_vq(
+    images: torch.Tensor, steps: int, batch: int, lr: float, seed: int, device: torch.device
+) -> tuple[VQTokenizer, dict]:
     torch.manual_seed(seed)
     vq = VQTokenizer(**VQ_CONFIG).to(device)
     opt = torch.optim.Adam(vq.parameters(), lr=lr, betas=(0.5, 0.9))
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="checkpoints/digits_llamagen")
     p.add_argument("--vq-steps", type=int, default=1500)
-    p.add_argument("--gpt-steps", type=int, default=2500)
+    p.add_argument("--gpt-steps", type=int, default=1500)
     p.add_argument("--copies", type=int, default=16, help="augmented encodings per image for the GPT")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")

@@ -124,3 +124,15 @@ def test_trajectories_of_another_teacher_are_refused(saved_teacher, tmp_path):
     cfg = DistillConfig(trajectories=str(out / "trajectories"), output_dir=str(tmp_path / "s"), max_steps=1)
     with pytest.raises(ValueError, match="built by another teacher"):
         train_student(cfg, teacher=other, codebook=vq.codebook)
+
+
+def test_ce_loss_reads_every_position_from_the_logits_head(saved_teacher, tmp_path):
+    """loss='ce' trains no continuous head: an unset split becomes N, and a split that would use the untrained
+    head is refused; the embedded job's defaults apply only without a config file."""
+    run(load_recipe_config(_config(saved_teacher, tmp_path / "ce", steps=1, loss="ce")))
+    student = DDStudent.from_pretrained(tmp_path / "ce" / "student" / "final")
+    assert student.config.split == student.seq_len == TINY_GPT["block_size"]
+    with pytest.raises(ValueError, match=r"loss='ce' trains no continuous head, but split=5"):
+        run(load_recipe_config(_config(saved_teacher, tmp_path / "bad", steps=1, loss="ce", split=5)))
+    assert load_recipe_config(None, []).distill.loss == "ce"
+    assert load_recipe_config(_config(saved_teacher, tmp_path / "y"), []).distill.loss == DistillConfig().loss
