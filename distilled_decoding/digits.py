@@ -34,6 +34,8 @@ __all__ = [
     "to_model_range",
     "to_uint8",
     "random_affine",
+    "augmented",
+    "cosine_lr",
 ]
 
 NUM_CLASSES = 10
@@ -162,6 +164,19 @@ def random_affine(
     if images.dtype == torch.uint8:
         return out.clamp_(0, 255).round_().to(torch.uint8)
     return out.to(images.dtype)
+
+
+def augmented(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random affine augmentation then the model range: uint8 or [0, 1] (B, 3, H, W) → float [-1, 1] (B, 3, H, W)."""
+    return to_model_range(random_affine(images, generator=generator))
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
+    """The digits recipes' learning rate at ``step`` (0-based) of ``total``: linear warmup over ``warmup`` steps
+    (reaching ``base`` at step warmup − 1), then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def _describe(x: object) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from distilled_decoding import LlamaGen, VQTokenizer
-from distilled_decoding.digits import NUM_CLASSES, load_digits_images, random_affine, to_model_range
+from distilled_decoding.digits import NUM_CLASSES, augmented, cosine_lr, load_digits_images, to_model_range
 
 VQ_CONFIG = dict(
     codebook_size=256,
@@ -55,16 +54,6 @@ GPT_CONFIG = dict(
     resid_dropout_p=0.1,
     ffn_dropout_p=0.1,
 )
-
-
-def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def augmented(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    return to_model_range(random_affine(images, generator=g))
 
 
 def train_vq(

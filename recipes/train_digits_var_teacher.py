@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from einops import rearrange
 from tqdm.auto import tqdm
 
 from distilled_decoding import VAR, MultiScaleVQVAE
-from distilled_decoding.digits import NUM_CLASSES, load_digits_images, random_affine, to_model_range
+from distilled_decoding.digits import NUM_CLASSES, augmented, cosine_lr, load_digits_images, to_model_range
 
 PATCH_NUMS = (1, 2, 4, 8)
 VAE_CONFIG = dict(
@@ -61,16 +60,6 @@ VAR_CONFIG = dict(
     vocab_size=256,
     Cvae=8,
 )
-
-
-def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def augmented(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    return to_model_range(random_affine(images, generator=g))
 
 
 @torch.no_grad()
