@@ -12,10 +12,11 @@ import argparse
 import json
 from pathlib import Path
 
+from distilled_decoding.student import DDStudent
+
 from distilled_decoding import DistilledDecodingPipeline, bench
 from distilled_decoding.cli import _gpt_b_shape
 from distilled_decoding.recipe import TeacherConfig
-from distilled_decoding.student import DDStudent
 
 
 def main() -> None:

@@ -16,6 +16,8 @@ _EXPORTS = {
     "LlamaGen": "distilled_decoding.teachers.llamagen",
     "LLAMAGEN_PRESETS": "distilled_decoding.teachers.llamagen",
     "VAR": "distilled_decoding.teachers.var",
+    "PAR": "distilled_decoding.teachers.par",
+    "PAR_PRESETS": "distilled_decoding.teachers.par",
     "VQTokenizer": "distilled_decoding.tokenizers.vq",
     "MultiScaleVQVAE": "distilled_decoding.tokenizers.msvq",
     # checkpoints
@@ -30,12 +32,42 @@ _EXPORTS = {
     # trajectories
     "build_trajectories": "distilled_decoding.trajectories",
     "TrajectoryDataset": "distilled_decoding.trajectories",
-    # students and pipeline
-    "DDStudent": "distilled_decoding.student",
-    "DDVARStudent": "distilled_decoding.student",
+    # teacher interface and families
+    "Teacher": "distilled_decoding.teachers",
+    "TeacherFamily": "distilled_decoding.teachers",
+    "register_family": "distilled_decoding.teachers",
+    "get_family": "distilled_decoding.teachers",
+    "family_of": "distilled_decoding.teachers",
+    "load_teacher": "distilled_decoding.teachers",
+    "ClassCondition": "distilled_decoding.conditions",
+    # students, losses, samplers and pipeline
+    "DDStudent": "distilled_decoding.students.llamagen",
+    "DDVARStudent": "distilled_decoding.students.var",
+    "student_from_teacher": "distilled_decoding.students",
+    "DistillConfig": "distilled_decoding.distill",
+    "train_student": "distilled_decoding.distill",
+    "TeacherSampler": "distilled_decoding.samplers",
+    "StudentSampler": "distilled_decoding.samplers",
+    "RefinedSampler": "distilled_decoding.samplers",
+    "OneStepStar": "distilled_decoding.samplers",
+    "SkipN": "distilled_decoding.samplers",
     "DistilledDecodingPipeline": "distilled_decoding.pipeline",
 }
-_SUBMODULES = {"flow", "sampling", "checkpoints", "trajectories", "student", "pipeline", "metrics", "bench"}
+_SUBMODULES = {
+    "flow",
+    "sampling",
+    "samplers",
+    "checkpoints",
+    "conditions",
+    "trajectories",
+    "students",
+    "losses",
+    "teachers",
+    "provenance",
+    "pipeline",
+    "metrics",
+    "bench",
+}
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 
@@ -60,19 +92,38 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from distilled_decoding import (
         bench,
         checkpoints,
+        conditions,
         flow,
+        losses,
         metrics,
         pipeline,
+        provenance,
+        samplers,
         sampling,
-        student,
+        students,
+        teachers,
         trajectories,
     )
     from distilled_decoding.checkpoints import CheckpointError, load_state_dict_file
+    from distilled_decoding.conditions import ClassCondition
+    from distilled_decoding.distill import DistillConfig, train_student
     from distilled_decoding.flow import noise_to_tokens
     from distilled_decoding.pipeline import DistilledDecodingPipeline
+    from distilled_decoding.samplers import OneStepStar, RefinedSampler, SkipN, StudentSampler, TeacherSampler
     from distilled_decoding.sampling import FlowChooser, MultinomialChooser, sample_tokens
-    from distilled_decoding.student import DDStudent
+    from distilled_decoding.students import student_from_teacher
+    from distilled_decoding.students.llamagen import DDStudent
+    from distilled_decoding.students.var import DDVARStudent
+    from distilled_decoding.teachers import (
+        Teacher,
+        TeacherFamily,
+        family_of,
+        get_family,
+        load_teacher,
+        register_family,
+    )
     from distilled_decoding.teachers.llamagen import LLAMAGEN_PRESETS, LlamaGen
+    from distilled_decoding.teachers.par import PAR, PAR_PRESETS
     from distilled_decoding.teachers.var import VAR
     from distilled_decoding.tokenizers.msvq import MultiScaleVQVAE
     from distilled_decoding.tokenizers.vq import VQTokenizer

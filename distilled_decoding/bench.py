@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from distilled_decoding.samplers import TeacherSampler
 from distilled_decoding.sampling import FlowChooser, MultinomialChooser, filter_logits, sample_tokens
 
 __all__ = ["measure", "peak_memory", "bench_sampler", "bench_trajectories", "bench_pipeline", "environment"]
@@ -261,6 +262,8 @@ def bench_pipeline(
     flow_kwargs = dict(pipe.info.get("flow") or {})
     t2 = list(student.config.timesteps)[-1]
     refine = refine or (t2 - max(1, t2 // 4), t2)
+    objects = [TeacherSampler(teacher, student.codebook, sampling, "flow", flow_kwargs), pipe.sampler(1),
+               pipe.sampler(2), pipe.sampler(teacher=teacher, teacher_tokens=refine)]  # fmt: skip
     results: dict[str, Any] = {}
     for b in batch_sizes:
         noise = torch.randn(b, n_tok, dim, device=device)
@@ -271,15 +274,10 @@ def bench_pipeline(
             logits, _ = student(noise, labels, zero)
             return pipe.decode(student.codebook[logits.argmax(-1)])
 
-        samplers = {
-            "teacher AR (flow map)": lambda: pipe.decode(student.codebook[sample_tokens(
-                teacher, labels, chooser=FlowChooser(noise, student.codebook, **flow_kwargs), **sampling)]),
-            "DD 1-step": lambda: pipe.generate(noise, labels, steps=1),
-            "DD 2-step": lambda: pipe.generate(noise, labels, steps=2),
-            f"DD refined ({refine[0]}-{refine[1]})": lambda: pipe.generate(
-                noise, labels, teacher=teacher, teacher_tokens=refine),
-            "DD 1-step floor (forward + decode)": floor,
-        }  # fmt: skip
+        samplers: dict[str, Callable[[], Tensor]] = {
+            s.name: (lambda s=s: pipe.decode(s(noise, labels)[0])) for s in objects
+        }
+        samplers["DD 1-step floor (forward + decode)"] = floor
         row = {}
         for name, fn in samplers.items():
             with peak_memory() as mem:

@@ -25,6 +25,7 @@ from torch import nn
 __all__ = [
     "CheckpointError",
     "load_state_dict_file",
+    "read_checkpoint",
     "extract_state_dict",
     "load_strict",
 ]
@@ -37,7 +38,10 @@ class CheckpointError(ValueError):
     """A checkpoint file is unreadable or does not fit the model it is loaded into."""
 
 
-def _read_file(path: Path) -> object:
+def read_checkpoint(path: str | os.PathLike) -> object:
+    """The object stored in a checkpoint file (safetensors, or a pickle read with ``weights_only=True``), or
+    :class:`CheckpointError` naming the file and what is wrong."""
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
@@ -117,7 +121,7 @@ def _is_tensor_dict(obj: Mapping) -> bool:
 def load_state_dict_file(path: str | os.PathLike, *, key: str | None = None) -> dict[str, torch.Tensor]:
     """Read a checkpoint file in any official format and return its ``{name: tensor}`` state dict."""
     path = Path(path)
-    return extract_state_dict(_read_file(path), key=key, source=str(path))
+    return extract_state_dict(read_checkpoint(path), key=key, source=str(path))
 
 
 def load_strict(

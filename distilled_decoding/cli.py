@@ -97,7 +97,7 @@ def _bench(args: argparse.Namespace) -> int:
         out["pipeline_default"] = bench.bench_pipeline(pipe, default_gpt, tuple(args.batch_sizes))
         _show("pipeline (embedded default)", out["pipeline_default"])
         if args.gpt_b:
-            from distilled_decoding.student import DDStudent
+            from distilled_decoding.students.llamagen import DDStudent
 
             gpt, vq = _gpt_b_shape(vq_too=True)
             student = DDStudent.from_teacher(gpt, vq.codebook, init_input="random").eval()

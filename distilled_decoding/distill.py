@@ -1,6 +1,7 @@
 """Distillation training with Hugging Face Accelerate: noise → tokens, one forward pass.
 
-:func:`train_student` trains a :class:`~distilled_decoding.student.DDStudent` on a trajectory folder.
+:func:`train_student` trains the teacher family's student (:mod:`distilled_decoding.students`) on a trajectory
+folder with the losses of :mod:`distilled_decoding.losses`.
 Accelerate does devices, processes (``accelerate launch``), mixed precision, gradient accumulation and
 checkpoints (``save_state`` / ``load_state``, the last ``keep_last`` kept, the latest resumed automatically);
 diffusers provides EMA and the warmup + cosine schedule.
@@ -32,8 +33,6 @@ from distilled_decoding.trajectories import TrajectoryDataset
 
 __all__ = ["DistillConfig", "train_student", "load_config", "latest_checkpoint"]
 
-LOSSES = ("ce", "ce+mse", "ce+image")
-
 
 @dataclass
 class DistillConfig:
@@ -43,12 +42,11 @@ class DistillConfig:
     trajectories: str = "runs/digits/trajectories"
     output_dir: str = "runs/digits/student"
     # student
-    timesteps: tuple[int, ...] | None = None  # None: (0, round(0.3125 N)), the official LlamaGen schedule
-    split: int | None = None  # None: the last timestep (official LlamaGen-B: split = t2 = 80); loss "ce": all
+    timesteps: tuple[int, ...] | None = None  # None: the teacher family's default (LlamaGen (0, 80) of 256 tokens)
+    split: int | None = None  # None: the last timestep; every step when no loss trains the continuous head
     init_input: str = "lstsq"
-    loss: str = "ce+mse"
-    cont_weight: float = 1.0
-    image_weight: float = 1.0
+    # weighted losses of distilled_decoding.losses (the official DD setting: {ce: 1, mse: 1}); "ce+mse" is shorthand
+    loss: dict[str, float] = field(default_factory=lambda: {"ce": 1.0, "mse": 1.0})
     # optimisation
     batch_size: int = 64
     grad_accum: int = 1
@@ -74,8 +72,22 @@ class DistillConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss={self.loss!r}: expected one of {LOSSES}")
+        from distilled_decoding.losses import LOSSES
+
+        given = self.loss
+        if isinstance(self.loss, str):  # "ce+mse" → {"ce": 1.0, "mse": 1.0}
+            self.loss = {name.strip(): 1.0 for name in self.loss.split("+")}
+        if (
+            not isinstance(self.loss, dict)
+            or not self.loss
+            or set(self.loss) - set(LOSSES)
+            or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 for w in self.loss.values())
+        ):
+            raise ValueError(
+                f"loss={given!r}: expected weights of some of {sorted(LOSSES)}, e.g. {{ce: 1.0, mse: 1.0}} "
+                "(or the shorthand 'ce+mse')"
+            )
+        self.loss = {k: float(v) for k, v in self.loss.items()}
         for name in ("batch_size", "grad_accum", "max_steps", "keep_last"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive integer")
@@ -196,8 +208,8 @@ def train_student(
             is initialised from them (:meth:`DDStudent.from_teacher`) unless ``student`` is given. The teacher's
             fingerprint must match the trajectory folder's.
         decode: vectors (B, N, D) → images (B, 3, H, W) in [-1, 1] (frozen tokenizer decoder), for sample grids
-            and the ``ce+image`` loss.
-        image_loss: (predicted images, target images) → scalar, for ``loss="ce+image"`` (default: pixel MSE).
+            and the ``image`` loss.
+        image_loss: (predicted images, target images) → scalar, for the ``image`` loss (default: pixel MSE).
     """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
@@ -205,8 +217,9 @@ def train_student(
     from diffusers.training_utils import EMAModel
 
     from distilled_decoding.distributed import process_state
-    from distilled_decoding.student import student_from_teacher
-    from distilled_decoding.trajectories import teacher_fingerprint
+    from distilled_decoding.losses import CONTINUOUS_LOSSES, LossContext, distillation_losses
+    from distilled_decoding.provenance import teacher_fingerprint
+    from distilled_decoding.students import student_from_teacher
 
     process_state()  # joins the process group (CPU too) and checks the launch
     out = Path(cfg.output_dir)
@@ -226,6 +239,7 @@ def train_student(
     set_seed(cfg.seed)
     ds = TrajectoryDataset(cfg.trajectories)
 
+    continuous_head = bool(set(cfg.loss) & CONTINUOUS_LOSSES)
     if student is None:
         if teacher is None or codebook is None:
             raise ValueError("teacher and codebook are required to initialise a student (or pass student=)")
@@ -238,16 +252,13 @@ def train_student(
                 f"{theirs['codebook_sha256'][:12]}; given: {mine['class']} weights {mine['weights_sha256'][:12]}, "
                 f"codebook {mine['codebook_sha256'][:12]})"
             )
-        split = cfg.split
-        if split is None and cfg.loss == "ce":  # no continuous head is trained: every position from the logits
-            split = len(teacher.patch_nums) if hasattr(teacher, "patch_nums") else teacher.config.block_size
-        student = student_from_teacher(teacher, codebook.cpu(), split=split, timesteps=cfg.timesteps,
-                                       init_input=cfg.init_input)  # fmt: skip
-    full = len(student.patch_nums) if hasattr(student, "patch_nums") else student.seq_len
-    if cfg.loss == "ce" and student.config.split < full:
+        student = student_from_teacher(teacher, codebook.cpu(), split=cfg.split, timesteps=cfg.timesteps,
+                                       init_input=cfg.init_input, continuous_head=continuous_head)  # fmt: skip
+    if not continuous_head and student.config.split < student.num_steps:
         raise ValueError(
-            f"loss='ce' trains no continuous head, but split={student.config.split} would read positions after it "
-            f"from that head; use split={full} (or leave split unset) or loss='ce+mse' / 'ce+image'"
+            f"loss={cfg.loss}: no loss trains the continuous head, but split={student.config.split} would read the "
+            f"positions after it from that head; use split={student.num_steps} (or leave split unset) or add 'mse' "
+            "/ 'image'"
         )
     if ds.seq_len != student.seq_len or ds.codebook_dim != student.config.codebook_dim:
         raise ValueError(
@@ -293,7 +304,8 @@ def train_student(
         t = t_all[rank * per : (rank + 1) * per].to(acc.device)
         with acc.accumulate(student):
             with acc.autocast():
-                losses = _losses(acc.unwrap_model(student), student, batch, t, cfg, decode, image_loss)
+                losses = distillation_losses(acc.unwrap_model(student), batch, t, cfg.loss, forward=student,
+                                             context=LossContext(decode, image_loss))  # fmt: skip
             acc.backward(losses["total"])
             if acc.sync_gradients and cfg.clip_grad > 0:
                 acc.clip_grad_norm_(student.parameters(), cfg.clip_grad)
@@ -338,27 +350,6 @@ def _save(acc: Any) -> None:
     acc.wait_for_everyone()
     if acc.is_main_process:
         (path / COMPLETE).touch()
-
-
-def _losses(model, wrapped, batch, t, cfg, decode, image_loss) -> dict[str, Tensor]:
-    """Losses of the unwrapped ``model``, its forward run through ``wrapped`` (DDP needs that)."""
-    noise, tokens, labels = batch["noise"], batch["tokens"], batch["class_label"]
-    weight = cfg.cont_weight if cfg.loss == "ce+mse" else 0.0
-    losses = model.loss(noise, tokens, labels, t, cont_weight=weight, forward=wrapped)
-    if cfg.loss == "ce":
-        return losses
-    if cfg.loss == "ce+image":
-        if decode is None:
-            raise ValueError("loss='ce+image' needs the tokenizer decoder (decode=...)")
-        data = model.codebook[tokens]
-        pos = torch.arange(tokens.shape[1], device=tokens.device)[None, :, None]
-        late = (pos >= model.split_position) & (pos >= model.data_positions(t)[:, None, None])
-        pred = torch.where(late, losses["vectors"].to(data.dtype), data)
-        fn = image_loss or (lambda a, b: (a - b).square().mean())
-        img = fn(decode(pred), decode(data).detach())
-        losses["image"] = img
-        losses["total"] = losses["total"] + cfg.image_weight * img
-    return losses
 
 
 def _fixed_samples(ds: TrajectoryDataset, n: int) -> dict[str, Tensor]:

@@ -1,16 +1,9 @@
-"""Evaluation of a distilled pipeline against its teacher: samplers, baselines, the table and the sample grid.
+"""Evaluation of a distilled pipeline against its teacher: the table and the sample grid.
 
-Samplers compared on the *same* noise and classes (so the rows of the grid line up):
-
-* ``teacher AR (flow map)`` — the teacher's KV-cache loop with the flow map as token chooser: the mapping
-  the student learned (its distribution is the teacher's);
-* ``DD 1-step``, ``DD 2-step`` — the student at t = 0, and at its timesteps (0, t₂);
-* ``DD refined (T-t₂)`` — teacher-refined: student step, teacher regenerates tokens T..t₂−1, student step;
-* baselines from the DD paper (§5 of the notes): ``onestep*`` — every token drawn independently from its
-  per-position, per-class marginal (estimated from the teacher's trajectories; the best any one-step set
-  predictor that ignores the joint can do), and ``skip-n`` — the teacher's first N−n tokens, then the last n
-  in one parallel step: one teacher forward over the prefix plus onestep* guesses for the rest, each
-  remaining token drawn from the teacher's conditional given that context (one Jacobi iteration).
+The samplers of :mod:`distilled_decoding.samplers` are compared on the *same* noise and classes (so the rows of the
+grid line up): the teacher through the flow map (the mapping the student learned), DD 1-step and 2-step,
+teacher-refined, and the DD paper's baselines onestep* (per-position marginals estimated from the teacher's
+trajectories) and skip-n.
 
 Metrics: FID / IS / precision / recall through torch-fidelity (:func:`distilled_decoding.metrics.compute_metrics`,
 with the offline digits feature network by default), class accuracy under the digits classifier, sequential
@@ -28,66 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distilled_decoding.sampling import FlowChooser, MultinomialChooser, sample_tokens
+from distilled_decoding.samplers import OneStepStar, RefinedSampler, Sampler, SkipN, TeacherSampler, marginals
 
-__all__ = ["marginals", "onestep_star", "skip_n", "evaluate_pipeline", "evaluate_job", "format_table", "save_grid"]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# baselines
-# ----------------------------------------------------------------------------------------------------------
-def marginals(tokens: Tensor, labels: Tensor, vocab_size: int, num_classes: int, smoothing: float = 0.0) -> Tensor:
-    """Per-class, per-position token histograms. tokens (M, N) long, labels (M,) → probs (C, N, V) float32."""
-    m, n = tokens.shape
-    counts = torch.zeros(num_classes, n, vocab_size)
-    flat = (labels[:, None] * n + torch.arange(n)[None, :]) * vocab_size + tokens
-    counts.view(-1).index_add_(0, flat.reshape(-1), torch.ones(m * n))
-    counts += smoothing
-    return counts / counts.sum(-1, keepdim=True).clamp_min(1e-12)
-
-
-def onestep_star(probs: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Independent draws from per-position marginals. probs (C, N, V), labels (B,) → tokens (B, N)."""
-    p = probs[labels.cpu()]  # (B, N, V)
-    b, n, v = p.shape
-    return torch.multinomial(p.reshape(b * n, v), 1, generator=generator).view(b, n)
-
-
-@torch.no_grad()
-def skip_n(
-    teacher: Any,
-    labels: Tensor,
-    n_skip: int,
-    probs: Tensor,
-    *,
-    chooser_prefix: Any,
-    generator: torch.Generator | None = None,
-    sampling: dict[str, Any] | None = None,
-) -> Tensor:
-    """The teacher decodes all but its last ``n_skip`` steps (tokens for LlamaGen, scales for VAR) with
-    ``chooser_prefix`` (e.g. the flow map); the skipped positions then come from one parallel step: one teacher
-    forward over [prefix, onestep* guesses], each skipped token drawn from its guided, filtered conditional.
-    Returns tokens (B, N)."""
-    from distilled_decoding.sampling import filter_logits
-
-    sampling = dict(sampling or {})
-    groups = teacher.decode_groups()
-    if not 1 <= n_skip < len(groups):
-        raise ValueError(f"n_skip={n_skip}: expected 1 <= n_skip < {len(groups)} (the teacher's decoding steps)")
-    keep = groups[-n_skip][0]
-    head = sample_tokens(teacher, labels, chooser=chooser_prefix, stop=keep, **sampling)
-    guess = onestep_star(probs, labels, generator).to(head.device)
-    inputs = torch.cat([head, guess[:, keep:]], dim=1)[:, : groups[-1][0]]
-    logits = teacher.logits_from_prefix(inputs, labels)[:, keep:]
-    scales = teacher.guidance_scales(sampling.get("cfg_scale", 1.0), sampling.get("cfg_interval", -1))
-    if scales is not None:
-        per_pos = torch.cat([torch.full((e - s,), scales[g]) for g, (s, e) in enumerate(groups)])[keep:]
-        uncond = teacher.logits_from_prefix(inputs, torch.full_like(labels, teacher.null_class))[:, keep:]
-        logits = uncond + (logits - uncond) * per_pos.to(logits)[None, :, None]
-    logits = logits / max(sampling.get("temperature", 1.0), 1e-5)
-    logits = filter_logits(logits, sampling.get("top_k", 0), sampling.get("top_p", 1.0))
-    tail = MultinomialChooser(generator)(logits, slice(keep, teacher.seq_len))
-    return torch.cat([head, tail], dim=1)
+__all__ = ["standard_samplers", "evaluate_pipeline", "evaluate_job", "format_table", "save_grid"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -97,6 +33,34 @@ def _timed(fn: Callable[[], Tensor]) -> tuple[Tensor, float]:
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
+
+
+def standard_samplers(
+    pipe: Any,
+    teacher: Any,
+    *,
+    refine: tuple[int, int] | None = None,
+    skip: tuple[int, ...] = (),
+    probs: Tensor | None = None,
+    seed: int = 0,
+) -> list[Sampler]:
+    """The rows of the evaluation table, in order: teacher AR (flow map), DD 1-step, DD 2-step and DD refined
+    (``refine`` = (T, t₂); default (t₂ − max(1, t₂ // 4), t₂)) when the student has two timesteps, and with the
+    marginals ``probs`` the baselines onestep* and skip-n for n in ``skip`` (drawing from one generator seeded
+    ``seed + 1``, in that order)."""
+    student = pipe.student
+    sampling = dict(pipe.info.get("teacher_sampling") or {})
+    flow = dict(pipe.info.get("flow") or {})
+    out: list[Sampler] = [TeacherSampler(teacher, student.codebook, sampling, "flow", flow), pipe.sampler(1)]
+    timesteps = list(student.config.timesteps)
+    if len(timesteps) > 1:
+        t2 = timesteps[-1]
+        out += [pipe.sampler(2), pipe.sampler(teacher=teacher, teacher_tokens=refine or (t2 - max(1, t2 // 4), t2))]
+    if probs is not None:
+        gen = torch.Generator().manual_seed(seed + 1)
+        out.append(OneStepStar(probs, student.codebook, gen))
+        out += [SkipN(teacher, n, probs, student.codebook, sampling, flow, gen) for n in skip]
+    return out
 
 
 @torch.no_grad()
@@ -128,46 +92,19 @@ def evaluate_pipeline(
 
     student = pipe.student
     n_tok, dim = pipe.noise_shape
-    classes = student.num_classes
-    labels = torch.arange(num_images) % classes
+    labels = torch.arange(num_images) % student.num_classes
     noise = torch.randn(num_images, n_tok, dim, generator=torch.Generator().manual_seed(seed))
-    sampling = dict(pipe.info.get("teacher_sampling") or {})
-    flow_kwargs = dict(pipe.info.get("flow") or {})
-    codebook = student.codebook
-    timesteps = list(student.config.timesteps)
-    t2 = timesteps[-1]
-    refine = refine or (t2 - max(1, t2 // 4), t2)
-
-    def teacher_ar(z: Tensor, y: Tensor) -> Tensor:
-        tok = sample_tokens(teacher, y, chooser=FlowChooser(z, codebook, **flow_kwargs), **sampling)
-        return pipe.decode(codebook[tok])
-
-    samplers: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], int]] = {
-        "teacher AR (flow map)": (teacher_ar, len(teacher.decode_groups())),
-        "DD 1-step": (lambda z, y: pipe.generate(z, y, steps=1), 1),
-    }
-    if len(timesteps) > 1:
-        samplers["DD 2-step"] = (lambda z, y: pipe.generate(z, y, steps=2), 2)
-        samplers[f"DD refined ({refine[0]}-{refine[1]})"] = (
-            lambda z, y: pipe.generate(z, y, teacher=teacher, teacher_tokens=refine),
-            (1 if refine[0] > 0 else 0) + (refine[1] - refine[0]) + 1,
-        )
-    if probs is not None:
-        gen = torch.Generator().manual_seed(seed + 1)
-        samplers["onestep*"] = (lambda z, y: pipe.decode(codebook[onestep_star(probs, y, gen)]), 1)
-        for n in skip:
-            fn = lambda z, y, n=n: pipe.decode(codebook[skip_n(  # noqa: E731
-                teacher, y, n, probs, chooser_prefix=FlowChooser(z, codebook, **flow_kwargs), generator=gen,
-                sampling=sampling)])  # fmt: skip
-            samplers[f"skip-{n}"] = (fn, len(teacher.decode_groups()) - n + 1)
+    samplers = standard_samplers(pipe, teacher, refine=refine, skip=skip, probs=probs, seed=seed)
+    refine = next((s.teacher_tokens for s in samplers if isinstance(s, RefinedSampler)), refine)
 
     rows: dict[str, dict[str, Any]] = {}
     images: dict[str, Tensor] = {}
     digits = not isinstance(reference, (str, Path))  # class accuracy needs the digits classifier's classes
-    for name, (fn, steps) in tqdm(samplers.items(), desc="evaluating", unit="sampler", disable=not progress):
-        chunks, seconds = [], 0.0
+    for sampler in tqdm(samplers, desc="evaluating", unit="sampler", disable=not progress):
+        name, chunks, seconds = sampler.name, [], 0.0
         for s in range(0, num_images, batch_size):
-            out, dt = _timed(lambda s=s, fn=fn: fn(noise[s : s + batch_size], labels[s : s + batch_size]))
+            z, y = noise[s : s + batch_size], labels[s : s + batch_size]
+            out, dt = _timed(lambda z=z, y=y, sampler=sampler: pipe.decode(sampler(z, y)[0]))
             chunks.append(to_uint8(out.cpu(), (0.0, 1.0)))
             seconds += dt
         imgs = torch.cat(chunks)
@@ -175,13 +112,14 @@ def evaluate_pipeline(
         m = compute_metrics(imgs, reference, feature_extractor=feature_extractor)
         rows[name] = {
             "fid": m["fid"], "is": m["is"], "precision": m["precision"], "recall": m["recall"],
-            "class_acc": class_accuracy(imgs, labels, classifier) if digits else None, "steps": steps,
+            "class_acc": class_accuracy(imgs, labels, classifier) if digits else None, "steps": sampler.steps,
             "images_per_s": num_images / seconds,
         }  # fmt: skip
     base = rows["teacher AR (flow map)"]["images_per_s"]
     for r in rows.values():
         r["speedup"] = r["images_per_s"] / base
-    settings = {"num_images": num_images, "batch_size": batch_size, "seed": seed, "refine": list(refine),
+    settings = {"num_images": num_images, "batch_size": batch_size, "seed": seed,
+                "refine": list(refine) if refine else None,
                 "skip": list(skip), "feature_extractor": feature_extractor,
                 "reference": str(reference) if not digits else f"digits ({len(reference)} images)"}  # fmt: skip
     return {"rows": rows, "images": images, "labels": labels, "settings": settings}

@@ -34,7 +34,7 @@ __all__ = ["DistilledDecodingPipeline"]
 
 
 class DistilledDecodingPipeline(DiffusionPipeline):
-    """Components: ``student`` (:class:`~distilled_decoding.student.DDStudent`) and ``tokenizer`` (the teacher's
+    """Components: ``student`` (a :mod:`~distilled_decoding.students` student) and ``tokenizer`` (the teacher's
     image tokenizer, e.g. :class:`~distilled_decoding.tokenizers.vq.VQTokenizer`; only its decoder is used).
 
     ``info`` (saved in ``model_index.json``): provenance shown in the model card — the teacher's identity and
@@ -71,6 +71,30 @@ class DistilledDecodingPipeline(DiffusionPipeline):
         return (self.student.seq_len, int(self.student.config.codebook_dim))
 
     # -- sampling ------------------------------------------------------------------------------------------------
+    def sampler(
+        self,
+        steps: int = 1,
+        *,
+        teacher: Any = None,
+        teacher_tokens: tuple[int, int] | None = None,
+        teacher_sampling: str = "flow",
+        generator: torch.Generator | None = None,
+    ) -> Any:
+        """The :mod:`~distilled_decoding.samplers` object behind :meth:`generate`: DD ``steps``-step sampling, or
+        teacher-refined sampling when ``teacher`` is given (its sampling settings and flow map are the ones the
+        student was distilled with, recorded in ``info``)."""
+        from distilled_decoding.samplers import RefinedSampler, StudentSampler
+
+        if teacher is None:
+            if teacher_tokens is not None:
+                raise ValueError("teacher_tokens: given without a teacher; pass teacher= as well")
+            return StudentSampler(self.student, steps)
+        sampler = RefinedSampler(self.student, teacher, teacher_tokens, teacher_sampling,
+                                 sampling=dict(self.info.get("teacher_sampling") or {}),
+                                 flow=dict(self.info.get("flow") or {}), generator=generator)  # fmt: skip
+        self._check_teacher(teacher)
+        return sampler
+
     @torch.no_grad()
     def generate(
         self,
@@ -93,58 +117,13 @@ class DistilledDecodingPipeline(DiffusionPipeline):
         """
         student = self.student
         device = student.codebook.device
-        labels = torch.as_tensor(class_labels, device=device)
-        if labels.dtype.is_floating_point:
-            raise ValueError(f"class_labels: expected integer class ids, got dtype {labels.dtype}")
-        student.check_inputs(noise, labels.long())
-        noise, labels = noise.to(device=device, dtype=student.codebook.dtype), labels.long()
-        timesteps = list(student.config.timesteps)
-        if teacher is None and teacher_tokens is not None:
-            raise ValueError("teacher_tokens: given without a teacher; pass teacher= as well")
-        if teacher is not None:
-            vectors, tokens = self._refined(noise, labels, teacher, teacher_tokens, teacher_sampling, generator)
-        else:
-            if steps not in (1, len(timesteps)) or steps < 1:
-                raise ValueError(
-                    f"steps={steps!r}: this student supports 1 or {len(timesteps)} steps (timesteps {timesteps}); "
-                    "for more, use teacher refinement (teacher=..., teacher_tokens=(T, t2))"
-                )
-            vectors, tokens = student.sample(noise, labels, timesteps[:1] if steps == 1 else timesteps)
+        labels = student.check_inputs(noise, class_labels).to(device)
+        noise = noise.to(device=device, dtype=student.codebook.dtype)
+        sampler = self.sampler(steps, teacher=teacher, teacher_tokens=teacher_tokens,
+                               teacher_sampling=teacher_sampling, generator=generator)  # fmt: skip
+        vectors, tokens = sampler(noise, labels)
         images = self.decode(vectors)
         return (images, tokens) if return_tokens else images
-
-    def _refined(self, noise, labels, teacher, teacher_tokens, how, generator) -> tuple[Tensor, Tensor]:
-        from distilled_decoding.sampling import FlowChooser, MultinomialChooser, sample_tokens
-        from distilled_decoding.student import perturb
-
-        student = self.student
-        timesteps = list(student.config.timesteps)
-        if teacher_tokens is None:
-            teacher_tokens = (0, timesteps[-1])
-        start, t2 = (int(v) for v in teacher_tokens)
-        if t2 not in timesteps[1:] or not 0 <= start <= t2:
-            raise ValueError(
-                f"teacher_tokens={teacher_tokens!r}: expected (T, t2) with t2 one of the student's trained timesteps "
-                f"{timesteps[1:]} and 0 <= T <= t2"
-            )
-        b = noise.shape[0]
-        p_start, p2 = (int(v) for v in student.data_positions(torch.tensor([start, t2], device=noise.device)))
-        if how not in ("flow", "random"):
-            raise ValueError(f"teacher_sampling={how!r}: expected 'flow' or 'random'")
-        self._check_teacher(teacher)
-        sampling = dict(self.info.get("teacher_sampling") or {})
-        flow_kwargs = dict(self.info.get("flow") or {})
-        prefix = None
-        if start > 0:
-            _, tok0 = student.predict(noise, labels, torch.zeros(b, dtype=torch.long, device=noise.device))
-            prefix = tok0[:, :p_start]
-        chooser = (
-            FlowChooser(noise, student.codebook, **flow_kwargs) if how == "flow" else MultinomialChooser(generator)
-        )
-        head = sample_tokens(teacher, labels, chooser=chooser, prefix=prefix, stop=p2, **sampling)
-        x = torch.cat([student.codebook[head], noise[:, p2:]], dim=1)
-        t = torch.full((b,), t2, dtype=torch.long, device=noise.device)
-        return student.predict(perturb(x, student.data_positions(t), noise), labels, t)
 
     def _check_teacher(self, teacher: Any) -> None:
         s = self.student
@@ -155,7 +134,7 @@ class DistilledDecodingPipeline(DiffusionPipeline):
             raise ValueError(f"teacher: does not match the student it would refine: {diff}")
         expected = (self.info.get("teacher") or {}).get("weights_sha256")
         if expected:
-            from distilled_decoding.trajectories import teacher_fingerprint
+            from distilled_decoding.provenance import teacher_fingerprint
 
             cached = getattr(teacher, "_dd_fingerprint", None)
             if cached is None:
@@ -168,7 +147,11 @@ class DistilledDecodingPipeline(DiffusionPipeline):
                 )
 
     def decode(self, vectors: Tensor) -> Tensor:
-        """Codebook-space vectors (B, N, D) → images (B, 3, H, W) in [0, 1] through the tokenizer's decoder."""
+        """Codebook-space vectors (B, N, D) in the student's sequence order → images (B, 3, H, W) in [0, 1] through
+        the tokenizer's decoder."""
+        from distilled_decoding.sampling import to_tokenizer_order
+
+        vectors = to_tokenizer_order(vectors, self.student.token_order)
         images = self.tokenizer.decode_vectors(vectors.to(self.tokenizer.dtype))
         return images.float().clamp(-1, 1).add(1).div(2)
 
@@ -207,10 +190,10 @@ class DistilledDecodingPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
         """As ``DiffusionPipeline.from_pretrained``, after importing the modules that define the components
-        (``model_index.json`` names e.g. ``distilled_decoding.student.DDVARStudent`` and
+        (``model_index.json`` names e.g. ``distilled_decoding.students.var.DDVARStudent`` and
         ``distilled_decoding.tokenizers.msvq.MultiScaleVQVAE``; diffusers only loads classes from modules that are
         already imported, and ``import distilled_decoding`` is lazy)."""
-        import distilled_decoding.student  # noqa: F401
+        import distilled_decoding.students  # noqa: F401
         import distilled_decoding.tokenizers.msvq  # noqa: F401
         import distilled_decoding.tokenizers.vq  # noqa: F401
 

@@ -26,7 +26,7 @@ import torch
 from distilled_decoding.distill import DistillConfig
 
 __all__ = [
-    "DIGITS_DEFAULTS",
+    "DEFAULT_CONFIG",
     "RecipeConfig",
     "TeacherConfig",
     "TrajectoryConfig",
@@ -37,29 +37,42 @@ __all__ = [
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("trajectories", "train", "save", "evaluate")
+#: the embedded default job (``recipes/distill_llamagen.py`` without ``--config``)
+DEFAULT_CONFIG = ROOT / "recipes" / "configs" / "digits_llamagen.yaml"
 
 
 @dataclass
 class TeacherConfig:
-    """Where the teacher comes from: ``save_pretrained`` folders or official files.
+    """Where the teacher comes from: ``save_pretrained`` folders or official files, for a registered family
+    (:func:`distilled_decoding.teachers.families`).
 
     ``kind="llamagen"``: ``model`` = GPT (``c2i_B_256.pt`` or a folder), ``tokenizer`` = VQ (``vq_ds16_c2i.pt`` or
     a folder), ``preset`` = GPT-B/GPT-L/... (inferred when None). ``kind="var"``: ``model`` = ``var_d16.pth`` (or a
     folder holding the VAE too), ``tokenizer`` = ``vae_ch160v4096z32.pth``, ``preset`` = the depth (16 or "d16").
+    Without ``model`` the family's embedded default in ``checkpoints/`` is used.
     """
 
     kind: str = "llamagen"
-    model: str = str(ROOT / "checkpoints" / "digits_llamagen" / "gpt")
-    tokenizer: str | None = str(ROOT / "checkpoints" / "digits_llamagen" / "vq")
+    model: str | None = None
+    tokenizer: str | None = None
     preset: str | int | None = None
     block_size: int | None = None
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.kind not in ("llamagen", "var"):
-            raise ValueError(f"teacher.kind={self.kind!r}: expected 'llamagen' or 'var'")
+        from distilled_decoding.teachers import families
+
+        if self.kind not in families():
+            raise ValueError(f"teacher.kind={self.kind!r}: expected one of {sorted(families())}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"teacher.dtype={self.dtype!r}: expected 'float32' or 'bfloat16'")
+        embedded = families()[self.kind].embedded
+        if self.model is None and embedded:
+            self.model = str(ROOT / embedded[0])
+            if self.tokenizer is None and embedded[1] is not None:
+                self.tokenizer = str(ROOT / embedded[1])
+        if self.model is None:
+            raise ValueError(f"teacher.model: required for kind={self.kind!r} (no embedded default)")
 
     def load(self) -> tuple[Any, Any]:
         from distilled_decoding.teachers import load_teacher
@@ -133,39 +146,20 @@ _SECTIONS = {"teacher": TeacherConfig, "trajectories": TrajectoryConfig, "distil
              "evaluate": EvalConfig}  # fmt: skip
 
 
-#: The embedded LlamaGen default (the digits teacher in ``checkpoints/digits_llamagen``): settings that distil it
-#: end to end in about a quarter of an hour on a 2-core CPU. ``loss="ce"`` with every position read from the
-#: logits head measured best on the digits (see the loss comparison in the README).
-DIGITS_DEFAULTS: dict[str, Any] = {
-    "trajectories": {"num_samples": 8000, "batch_size": 250, "shard_size": 2000},
-    "distill": {
-        "loss": "ce",
-        "batch_size": 64,
-        "max_steps": 600,
-        "lr": 3e-4,
-        "warmup_steps": 30,
-        "ema_decay": 0.99,
-        "save_every": 200,
-    },
-}
-
-
 def load_recipe_config(
     path: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
     defaults: dict[str, Any] | None = None,
 ) -> RecipeConfig:
-    """Defaults ← YAML file ← ``section.key=value`` overrides (values parsed as YAML). ``defaults`` (same nested
-    layout as the YAML, e.g. ``{"teacher": {"kind": "var"}}``) go under the file, as ``recipes/distill_var.py``
-    does for the embedded VAR teacher; with neither ``defaults`` nor a file, :data:`DIGITS_DEFAULTS` (the embedded
-    LlamaGen job) are used."""
+    """Dataclass defaults ← ``defaults`` ← YAML file ← ``section.key=value`` overrides (values parsed as YAML).
+    ``defaults`` has the YAML's nested layout (e.g. ``{"teacher": {"kind": "var"}}``). Without a file,
+    :data:`DEFAULT_CONFIG` (the embedded LlamaGen digits job) is read."""
     import copy
 
     import yaml
 
-    if defaults is None and path is None:
-        defaults = DIGITS_DEFAULTS
     data: dict[str, Any] = copy.deepcopy(dict(defaults or {}))
+    path = DEFAULT_CONFIG if path is None else path
     if path is not None:
         loaded = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(loaded, dict):
@@ -263,12 +257,11 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
 def pipeline_info(cfg: RecipeConfig, ds: Any) -> dict[str, Any]:
     """Provenance stored in the pipeline (and its model card): teacher identity, sampling distilled, data."""
     s = ds.settings
+    model = Path(cfg.teacher.model)
+    # a file's stem (c2i_B_256); a folder's name, or its parent's for a component folder (digits_llamagen/gpt)
+    name = model.stem if model.is_file() else model.parent.name if model.name in ("gpt", "model") else model.name
     return {
-        "name": Path(cfg.teacher.model).stem
-        if Path(cfg.teacher.model).is_file()
-        else Path(cfg.teacher.model).name  # a VAR folder holds the whole teacher (digits_var)
-        if cfg.teacher.kind == "var"
-        else Path(cfg.teacher.model).parent.name,
+        "name": name,
         "teacher": ds.teacher,
         "teacher_sampling": s["sampling"],
         "flow": s["flow"],
@@ -283,7 +276,10 @@ def pipeline_info(cfg: RecipeConfig, ds: Any) -> dict[str, Any]:
 
 def _student_class(folder: Path) -> type:
     """The student class recorded in a ``save_pretrained`` folder's config.json."""
-    import distilled_decoding.student as student_module
+    from distilled_decoding.teachers import families
 
-    name = json.loads((folder / "config.json").read_text()).get("_class_name", "DDStudent")
-    return getattr(student_module, name)
+    name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    by_name = {f.student_class.__name__: f.student_class for f in families().values()}
+    if name not in by_name:
+        raise ValueError(f"{folder}: config.json names student class {name!r}; expected one of {sorted(by_name)}")
+    return by_name[name]

@@ -1,21 +1,11 @@
 """The one KV-cache autoregressive sampling loop, shared by every teacher, and its token choosers.
 
-A teacher implements the *decoding protocol*:
-
-* ``decode_groups() -> list[(start, end)]``: the token positions produced by each decoding step
-  (LlamaGen: one position per step; VAR: one scale per step; PAR: k positions per step);
-* ``guidance_scales(cfg_scale, cfg_interval) -> list[float] | None``: the CFG scale of each step, or None
-  for no guidance (the batch is then not doubled);
-* ``begin(class_labels, prefix) -> (state, logits)``: allocate the (static) cache, prefill the class token
-  and an optional prefix of whole steps, and return the logits (B, n, V) of the next step;
-* ``advance(state, tokens) -> logits``: feed the tokens (B, n) chosen at the current step and return the
-  logits of the next one;
-* ``null_class``, ``num_classes``, ``vocab_size``, ``seq_len``, ``check_labels``, ``check_tokens``.
-
-The loop combines guidance (``uncond + (cond − uncond)·s`` on fp32 logits), temperature, top-k and top-p,
-then hands the logits to a *token chooser*: :class:`MultinomialChooser` (ordinary sampling with a seeded
-``torch.Generator``), :class:`GreedyChooser`, or :class:`FlowChooser` (the deterministic flow map of
-Distilled Decoding: noise → token).
+The loop drives any :class:`~distilled_decoding.teachers.base.Teacher` (``decode_groups``, ``guidance_scales``,
+``begin``, ``advance``, ``condition``, ``token_order``) step by step. Guidance, temperature, top-k and top-p are
+applied by :func:`guide` and :func:`temper_and_filter` (the only implementation, also used by the skip-n
+baseline), then a *token chooser* picks the tokens: :class:`MultinomialChooser` (ordinary sampling with a seeded
+``torch.Generator``), :class:`GreedyChooser`, or :class:`FlowChooser` (the deterministic flow map of Distilled
+Decoding: noise → token).
 """
 
 from __future__ import annotations
@@ -33,6 +23,9 @@ __all__ = [
     "GreedyChooser",
     "FlowChooser",
     "filter_logits",
+    "guide",
+    "temper_and_filter",
+    "to_tokenizer_order",
     "sample_tokens",
     "validate_sampling_args",
 ]
@@ -117,17 +110,36 @@ def validate_sampling_args(
         raise ValueError(f"top_p={top_p!r}: expected a number in (0, 1] (1 disables top-p)")
 
 
-def _guide(logits: Tensor, scale: float, batch: int) -> Tensor:
-    cond, uncond = logits[:batch], logits[batch:]
-    if scale == 1.0:
+def guide(cond: Tensor, uncond: Tensor, scale: float | Tensor) -> Tensor:
+    """Classifier-free guidance on fp32 logits: ``uncond + (cond − uncond)·scale`` (``cond`` itself for scale 1)."""
+    if not isinstance(scale, Tensor) and scale == 1.0:
         return cond
     return uncond + (cond - uncond) * scale
+
+
+def temper_and_filter(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Temperature, then top-k / top-p filtering (official order); excluded entries become −inf."""
+    if temperature != 1.0:
+        logits = logits / max(temperature, 1e-5)
+    if top_k > 0 or top_p < 1.0:
+        logits = filter_logits(logits, top_k, top_p)
+    return logits
+
+
+def to_tokenizer_order(tokens: Tensor, order: Tensor | None) -> Tensor:
+    """Tokens (B, N, ...) in a teacher's sequence order → the tokenizer's order (``order``: the teacher's
+    ``token_order``, the tokenizer index of each sequence position; None = identity)."""
+    if order is None:
+        return tokens
+    out = torch.empty_like(tokens)
+    out[:, order.to(tokens.device)] = tokens
+    return out
 
 
 @torch.no_grad()
 def sample_tokens(
     teacher: Any,
-    class_labels: Tensor,
+    condition: Any,
     *,
     chooser: TokenChooser | None = None,
     generator: torch.Generator | None = None,
@@ -138,24 +150,32 @@ def sample_tokens(
     top_p: float = 1.0,
     prefix: Tensor | None = None,
     stop: int | None = None,
+    order: str = "tokenizer",
     progress: bool = False,
 ) -> Tensor:
     """Autoregressive decoding with a static KV cache. Returns tokens (B, N) long (N = teacher.seq_len).
 
     Args:
-        teacher: a model implementing the decoding protocol (LlamaGen, VAR, PAR).
-        class_labels: (B,) long class ids in [0, num_classes).
+        teacher: a :class:`~distilled_decoding.teachers.base.Teacher` (LlamaGen, VAR, ...).
+        condition: what the teacher is conditioned on — class ids (B,) long for class-conditional teachers.
         chooser: token chooser; default :class:`MultinomialChooser` with ``generator``.
         cfg_scale, cfg_interval: classifier-free guidance (semantics of the teacher's official sampler).
         temperature, top_k, top_p: applied after guidance, in this order (official order).
-        prefix: (B, T) long tokens to continue from; T must end a decoding step (any T for LlamaGen, a scale
-            boundary for VAR). The result starts with the prefix.
+        prefix: (B, T) long tokens to continue from, in the teacher's sequence order; T must end a decoding step
+            (any T for LlamaGen, a scale boundary for VAR). The result starts with the prefix.
         stop: decode only the positions < stop (a step boundary; default N). Returns (B, stop) then.
+        order: ``"tokenizer"`` returns the tokens in the tokenizer's order (ready for its decoder), ``"sequence"``
+            in the teacher's decoding order (the order of Distilled Decoding's noise and trajectories); the same
+            for teachers that decode in raster / scale order.
         progress: show a tqdm bar over decoding steps.
     """
     validate_sampling_args(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
-    b = class_labels.shape[0] if isinstance(class_labels, Tensor) and class_labels.ndim == 1 else -1
-    teacher.check_labels(class_labels, b)
+    if order not in ("tokenizer", "sequence"):
+        raise ValueError(f"order={order!r}: expected 'tokenizer' or 'sequence'")
+    spec = teacher.condition
+    device = _device(teacher)
+    condition = spec.to(spec.check(condition), device)
+    b = spec.batch_size(condition)
     groups = teacher.decode_groups()
     n_tokens = teacher.seq_len
     t0 = 0
@@ -163,43 +183,43 @@ def sample_tokens(
     if prefix is not None:
         teacher.check_tokens(prefix, "prefix", max_len=n_tokens)
         if prefix.shape[0] != b:
-            raise ValueError(f"prefix: expected batch size {b} (as class_labels), got {prefix.shape[0]}")
+            raise ValueError(f"prefix: expected batch size {b} (as the condition), got {prefix.shape[0]}")
         t0 = prefix.shape[1]
         if t0 not in starts:
             raise ValueError(f"prefix: length {t0} does not end a decoding step; expected one of {_few(starts)}")
     stop = n_tokens if stop is None else stop
     if stop not in starts or stop < t0:
         raise ValueError(f"stop={stop}: expected a decoding-step boundary >= the prefix length {t0}: {_few(starts)}")
+    token_order = teacher.token_order
+    if order == "tokenizer" and token_order is not None and stop != n_tokens:
+        raise ValueError(f"stop={stop}: a partial sequence exists in the teacher's decoding order only; pass "
+                         "order='sequence'")  # fmt: skip
     scales = teacher.guidance_scales(cfg_scale, cfg_interval)
-    labels = class_labels
-    if scales is not None:
-        if teacher.null_class is None:
-            raise ValueError("cfg_scale: this teacher has no null class (class_dropout_prob was 0); use cfg_scale=1")
-        labels = torch.cat([class_labels, torch.full_like(class_labels, teacher.null_class)])
+    guided = condition if scales is None else spec.with_unconditional(condition)
     chooser = chooser if chooser is not None else MultinomialChooser(generator)
-    out = torch.empty(b, stop, dtype=torch.long, device=class_labels.device)
+    out = torch.empty(b, stop, dtype=torch.long, device=device)
     if prefix is not None:
+        prefix = prefix.to(device)
         out[:, :t0] = prefix
-    if t0 == stop:
-        return out
-    pre = prefix if prefix is None or scales is None else torch.cat([prefix, prefix])
-    state, logits = teacher.begin(labels, pre)
-    first = next(i for i, g in enumerate(groups) if g[0] == t0)
-    last = next(i for i, g in enumerate(groups) if g[1] == stop)
-    steps = range(first, last + 1)
-    for g in tqdm(steps, desc="decoding", leave=False, disable=not progress):
-        start, end = groups[g]
-        if scales is not None:
-            logits = _guide(logits, scales[g], b)
-        if temperature != 1.0:
-            logits = logits / max(temperature, 1e-5)
-        if top_k > 0 or top_p < 1.0:
-            logits = filter_logits(logits, top_k, top_p)
-        tok = chooser(logits, slice(start, end))
-        out[:, start:end] = tok
-        if g < last:
-            logits = teacher.advance(state, tok if scales is None else torch.cat([tok, tok]))
-    return out
+    if t0 < stop:
+        pre = prefix if prefix is None or scales is None else torch.cat([prefix, prefix])
+        state, logits = teacher.begin(guided, pre)
+        first = next(i for i, g in enumerate(groups) if g[0] == t0)
+        last = next(i for i, g in enumerate(groups) if g[1] == stop)
+        for g in tqdm(range(first, last + 1), desc="decoding", leave=False, disable=not progress):
+            start, end = groups[g]
+            if scales is not None:
+                logits = guide(logits[:b], logits[b:], scales[g])
+            logits = temper_and_filter(logits, temperature, top_k, top_p)
+            tok = chooser(logits, slice(start, end))
+            out[:, start:end] = tok
+            if g < last:
+                logits = teacher.advance(state, tok if scales is None else torch.cat([tok, tok]))
+    return to_tokenizer_order(out, token_order) if order == "tokenizer" else out
+
+
+def _device(module: Any) -> torch.device:
+    return next(module.parameters()).device
 
 
 def _few(values: list[int]) -> str:

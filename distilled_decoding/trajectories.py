@@ -44,6 +44,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from distilled_decoding.provenance import teacher_fingerprint, tensor_bytes
 from distilled_decoding.sampling import FlowChooser, sample_tokens, validate_sampling_args
 
 __all__ = [
@@ -51,7 +52,6 @@ __all__ = [
     "TrajectoryDataset",
     "TrajectoryError",
     "sample_noise",
-    "teacher_fingerprint",
     "MANIFEST",
     "FORMAT_VERSION",
 ]
@@ -97,29 +97,6 @@ def sample_noise(
 # ----------------------------------------------------------------------------------------------------------
 # identity and settings
 # ----------------------------------------------------------------------------------------------------------
-def _tensor_bytes(t: Tensor) -> bytes:
-    t = t.detach().to("cpu").contiguous()
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-
-
-def teacher_fingerprint(teacher: torch.nn.Module, codebook: Tensor) -> dict[str, Any]:
-    """Identity of a teacher: class, config, sha256 of its weights (names, dtypes, shapes, bytes) and of the
-    codebook. Two teachers with equal fingerprints produce the same trajectories."""
-    h = hashlib.sha256()
-    for name, t in sorted(teacher.state_dict().items()):
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(_tensor_bytes(t))
-    cfg = getattr(teacher, "config", {})
-    cfg = {k: v for k, v in dict(cfg).items() if not k.startswith("_")}
-    return {
-        "class": type(teacher).__name__,
-        "config": json.loads(json.dumps(cfg, default=str)),
-        "weights_sha256": h.hexdigest(),
-        "codebook_sha256": hashlib.sha256(_tensor_bytes(codebook.float())).hexdigest(),
-        "codebook_shape": list(codebook.shape),
-    }
-
-
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -235,7 +212,7 @@ def build_trajectories(
         "noise_storage": "stored" if store_noise else "regenerated",
         "class_labels": "uniform"
         if labels_all is None
-        else "given:" + hashlib.sha256(_tensor_bytes(labels_all)).hexdigest(),
+        else "given:" + hashlib.sha256(tensor_bytes(labels_all)).hexdigest(),
         "sampling": {
             "cfg_scale": cfg_scale,
             "cfg_interval": cfg_interval,
@@ -308,6 +285,7 @@ def build_trajectories(
                 temperature=temperature,
                 top_k=top_k,
                 top_p=top_p,
+                order="sequence",
             )
             noise.append(eps)
             labels.append(lab)
@@ -367,15 +345,14 @@ def _check_labels(teacher: Any, class_labels: Sequence[int] | Tensor | None, n: 
     labels = torch.as_tensor(class_labels)
     if labels.ndim != 1 or labels.shape[0] != n:
         raise ValueError(f"class_labels: expected {n} labels (one per sample), got shape {tuple(labels.shape)}")
-    teacher.check_labels(labels.long(), n)
-    return labels.long().cpu()
+    return teacher.condition.check(labels, n).cpu()
 
 
 def _noise_check(seed: int, n: int, seq_len: int, dim: int, num_classes: int | None) -> dict[str, Any]:
     """sha256 of the regenerated fp16 noise of three samples (first, middle, last)."""
     idx = sorted({0, n // 2, n - 1})
     noise, _ = sample_noise(seed, idx, seq_len, dim, num_classes)
-    return {"indices": idx, "sha256": hashlib.sha256(_tensor_bytes(noise)).hexdigest()}
+    return {"indices": idx, "sha256": hashlib.sha256(tensor_bytes(noise)).hexdigest()}
 
 
 def _write_shard(

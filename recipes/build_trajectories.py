@@ -1,12 +1,13 @@
-"""Build Distilled Decoding trajectories (noise → tokens through a frozen LlamaGen teacher).
+"""Build Distilled Decoding trajectories (noise → tokens through a frozen teacher of any registered family).
 
 One process or many: ``accelerate launch recipes/build_trajectories.py --out runs/traj ...`` splits the shards
 across processes (on a CPU-only machine: ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2``).
-A killed run restarts where it stopped. Defaults: the embedded digits teacher in ``checkpoints/``.
+A killed run restarts where it stopped. Defaults: the family's embedded digits teacher in ``checkpoints/``.
 
     python recipes/build_trajectories.py --out runs/digits/trajectories --num-samples 20000
-    accelerate launch recipes/build_trajectories.py --gpt c2i_B_256.pt --gpt-preset GPT-B --vq vq_ds16_c2i.pt \\
+    accelerate launch recipes/build_trajectories.py --model c2i_B_256.pt --preset GPT-B --tokenizer vq_ds16_c2i.pt \\
         --out /data/dd/llamagen-b --num-samples 1200000 --batch-size 256 --cfg-scale 2.0 --top-k 8000
+    python recipes/build_trajectories.py --kind var --out runs/digits_var/trajectories --cfg-scale 1.0
 """
 
 from __future__ import annotations
@@ -14,21 +15,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from distilled_decoding import build_trajectories
-from distilled_decoding.teachers import load_llamagen_teacher
-
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT = ROOT / "checkpoints" / "digits_llamagen"
+from distilled_decoding.recipe import TeacherConfig
+from distilled_decoding.teachers import families
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpt", default=str(DEFAULT / "gpt"), help="official .pt/.safetensors or a save_pretrained folder")
-    p.add_argument("--gpt-preset", default=None, help="GPT-B, GPT-L, ... (inferred from the file when omitted)")
+    p.add_argument("--kind", default="llamagen", choices=sorted(families()), help="the teacher family")
+    p.add_argument("--model", default=None, help="official file or save_pretrained folder (default: embedded)")
+    p.add_argument("--tokenizer", default=None, help="official tokenizer file or folder (default: embedded)")
+    p.add_argument("--preset", default=None, help="GPT-B, GPT-L, ... / VAR depth (inferred when omitted)")
     p.add_argument("--block-size", type=int, default=None, help="tokens per image (default: from the file name)")
-    p.add_argument("--vq", default=str(DEFAULT / "vq"), help="official vq_ds16_c2i.pt or a save_pretrained folder")
     p.add_argument("--out", required=True)
     p.add_argument("--num-samples", type=int, default=20000)
     p.add_argument("--batch-size", type=int, default=256)
@@ -40,16 +38,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="teacher weights dtype")
+    p.add_argument("--no-store-noise", action="store_true", help="regenerate noise from (seed, i) when read")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def main(argv: list[str] | None = None) -> Path:
     args = parser().parse_args(argv)
-    gpt, vq = load_llamagen_teacher(args.gpt, args.vq, preset=args.gpt_preset, block_size=args.block_size)
-    gpt = gpt.to(getattr(torch, args.dtype))
+    teacher, tokenizer = TeacherConfig(kind=args.kind, model=args.model, tokenizer=args.tokenizer, preset=args.preset,
+                                       block_size=args.block_size, dtype=args.dtype).load()  # fmt: skip
     return build_trajectories(
-        gpt,
+        teacher,
         args.out,
         num_samples=args.num_samples,
         batch_size=args.batch_size,
@@ -59,8 +58,9 @@ def main(argv: list[str] | None = None) -> Path:
         top_k=args.top_k,
         top_p=args.top_p,
         temperature=args.temperature,
-        codebook=vq.codebook,
+        codebook=tokenizer.codebook,
         shard_size=args.shard_size,
+        store_noise=not args.no_store_noise,
         progress=not args.no_progress,
     )
 

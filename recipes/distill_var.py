@@ -11,8 +11,8 @@ sample grid. Works with ``python`` and with ``accelerate launch``::
     python recipes/distill_var.py distill.max_steps=200 output_dir=runs/quick
 
 Timesteps and ``split`` count *scales* for VAR (the released d16 student: ``distill.timesteps=[0,5]``,
-``distill.split=5``; d20/d24: 4); ``evaluate.refine=[T, t2]`` is in scales too. The embedded default trains at
-timesteps (0, 2) with loss ``ce`` (every scale from the logits head, split 4; see ``VAR_DEFAULTS``).
+``distill.split=5``; d20/d24: 4); ``evaluate.refine=[T, t2]`` is in scales too. The embedded default
+(``recipes/configs/digits_var.yaml``) trains at timesteps (0, 2) with loss ``ce`` (every scale from the logits head).
 Note that the teacher's ``trajectories.cfg_scale`` is VAR's official ``cfg`` (a linear ramp over the scales, see
 :mod:`distilled_decoding.teachers.var`), not LlamaGen's constant scale.
 
@@ -23,22 +23,11 @@ output_dir, stages). A killed run started again with the same settings resumes e
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from distilled_decoding.recipe import DIGITS_DEFAULTS, load_recipe_config, run
-
-ROOT = Path(__file__).resolve().parents[1]
+from distilled_decoding.recipe import ROOT, load_recipe_config, run
 
 #: The embedded default: the digits VAR, settings that finish in about a quarter of an hour on a 2-core CPU.
-VAR_DEFAULTS = {
-    "output_dir": "runs/digits_var",
-    "teacher": {"kind": "var", "model": str(ROOT / "checkpoints" / "digits_var"), "tokenizer": None},
-    "trajectories": {"num_samples": 6000, "batch_size": 200, "shard_size": 2000, "cfg_scale": 1.0, "top_k": 0},
-    # the LlamaGen digits job's training settings; loss "ce" reads every scale from the logits head (split 4): on
-    # the digits an MSE-trained continuous head gives blurry late scales (1-step FID 4.7 with split 2 vs 1.5)
-    "distill": dict(DIGITS_DEFAULTS["distill"]),
-    "evaluate": {"num_images": 1000, "batch_size": 250},
-}
+DEFAULT_CONFIG = ROOT / "recipes" / "configs" / "digits_var.yaml"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -46,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--config", default=None, help="YAML file with sections teacher/trajectories/distill/evaluate")
     p.add_argument("overrides", nargs="*", help="section.field=value")
     args = p.parse_args(argv)
-    return run(load_recipe_config(args.config, args.overrides, defaults=VAR_DEFAULTS))
+    return run(load_recipe_config(args.config or DEFAULT_CONFIG, args.overrides))
 
 
 if __name__ == "__main__":

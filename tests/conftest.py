@@ -51,3 +51,38 @@ def tiny_gpt():
     from distilled_decoding import LlamaGen
 
     return randomize_(LlamaGen(**TINY_GPT)).eval()
+
+
+TINY_VAR = dict(num_classes=10, depth=2, embed_dim=64, num_heads=2, patch_nums=(1, 2, 3), vocab_size=64, Cvae=8,
+                drop_path_rate=0.0)  # fmt: skip
+TINY_VAE = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1), num_res_blocks=1, using_sa=False,
+                using_mid_sa=False, v_patch_nums=(1, 2, 3))  # fmt: skip
+
+
+def _tiny_llamagen(seed: int):
+    from distilled_decoding import LlamaGen
+
+    gpt = randomize_(LlamaGen(**TINY_GPT), seed=seed).eval()
+    codebook = torch.nn.functional.normalize(torch.randn(64, 8, generator=torch.Generator().manual_seed(seed)), dim=-1)
+    return gpt, codebook
+
+
+def _tiny_var(seed: int):
+    from distilled_decoding import VAR
+
+    torch.manual_seed(seed)
+    var = randomize_(VAR(**TINY_VAR, vae_config=TINY_VAE), seed=seed).eval()
+    return var, var.vae.codebook
+
+
+#: A tiny random-weight teacher and its codebook for every registered family: the shared teacher contract
+#: (tests/test_teacher_contract.py) runs over all of them, and fails for a family registered without one.
+def _tiny_par(seed: int):
+    from distilled_decoding import PAR
+
+    par = randomize_(PAR(**{**TINY_GPT, "block_size": 64, "ar_token_num": 4, "spe_token_num": 3}), seed=seed).eval()
+    codebook = torch.nn.functional.normalize(torch.randn(64, 8, generator=torch.Generator().manual_seed(seed)), dim=-1)
+    return par, codebook
+
+
+TINY_TEACHERS = {"llamagen": _tiny_llamagen, "var": _tiny_var, "par": _tiny_par}

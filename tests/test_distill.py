@@ -16,7 +16,7 @@ import yaml
 from distilled_decoding import LlamaGen, VQTokenizer
 from distilled_decoding.distill import DistillConfig, load_config, train_student
 from distilled_decoding.recipe import load_recipe_config, run
-from distilled_decoding.student import DDStudent
+from distilled_decoding.students import DDStudent
 
 from .conftest import TINY_GPT, TINY_VQ, randomize_
 
@@ -132,7 +132,7 @@ def test_ce_loss_reads_every_position_from_the_logits_head(saved_teacher, tmp_pa
     run(load_recipe_config(_config(saved_teacher, tmp_path / "ce", steps=1, loss="ce")))
     student = DDStudent.from_pretrained(tmp_path / "ce" / "student" / "final")
     assert student.config.split == student.seq_len == TINY_GPT["block_size"]
-    with pytest.raises(ValueError, match=r"loss='ce' trains no continuous head, but split=5"):
+    with pytest.raises(ValueError, match=r"loss=\{'ce': 1.0\}: no loss trains the continuous head, but split=5"):
         run(load_recipe_config(_config(saved_teacher, tmp_path / "bad", steps=1, loss="ce", split=5)))
-    assert load_recipe_config(None, []).distill.loss == "ce"
+    assert load_recipe_config(None, []).distill.loss == {"ce": 1.0}
     assert load_recipe_config(_config(saved_teacher, tmp_path / "y"), []).distill.loss == DistillConfig().loss

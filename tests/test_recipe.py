@@ -8,12 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from distilled_decoding import DistilledDecodingPipeline, LlamaGen, VQTokenizer
-from distilled_decoding.evaluation import marginals, onestep_star, skip_n
 from distilled_decoding.recipe import load_recipe_config, run
-from distilled_decoding.sampling import FlowChooser, sample_tokens
 
 from .conftest import TINY_GPT, TINY_VQ, randomize_
 
@@ -83,27 +80,6 @@ def test_rerun_skips_finished_stages(job):
     run(load_recipe_config(None, overrides))
     assert (out / "trajectories" / "shard-00000.safetensors").stat().st_mtime_ns == mtime
     assert sorted(p.name for p in (out / "student" / "checkpoints").iterdir()) == ckpts  # nothing retrained
-
-
-def test_baselines():
-    tokens = torch.tensor([[0, 1], [0, 2], [1, 2], [3, 3]])
-    labels = torch.tensor([0, 0, 1, 1])
-    p = marginals(tokens, labels, vocab_size=4, num_classes=2)
-    assert torch.allclose(p[0, 0], torch.tensor([1.0, 0, 0, 0])) and torch.allclose(
-        p[0, 1], torch.tensor([0, 0.5, 0.5, 0])
-    )
-    draws = onestep_star(p, torch.zeros(4000, dtype=torch.long), torch.Generator().manual_seed(0))
-    assert (draws[:, 0] == 0).all() and abs((draws[:, 1] == 1).float().mean() - 0.5) < 0.03
-    gpt = randomize_(LlamaGen(**TINY_GPT), seed=3).eval()
-    probs = torch.full((10, 16, 64), 1 / 64)
-    labels = torch.tensor([1, 2])
-    noise = torch.randn(2, 16, 8)
-    codebook = torch.nn.functional.normalize(torch.randn(64, 8), dim=-1)
-    out = skip_n(gpt, labels, 4, probs, chooser_prefix=FlowChooser(noise, codebook), sampling={"cfg_scale": 2.0})
-    head = sample_tokens(gpt, labels, chooser=FlowChooser(noise, codebook), cfg_scale=2.0, stop=12)
-    assert out.shape == (2, 16) and torch.equal(out[:, :12], head)
-    with pytest.raises(ValueError, match="n_skip=16"):
-        skip_n(gpt, labels, 16, probs, chooser_prefix=FlowChooser(noise, codebook))
 
 
 def test_command_line_entry_points():

@@ -115,6 +115,6 @@ def test_cfg_without_null_row_is_refused():
 
     gpt = LlamaGen(**{**TINY_GPT, "class_dropout_prob": 0.0}).eval()
     assert gpt.null_class is None
-    with pytest.raises(ValueError, match="cfg_scale: this teacher has no null class"):
+    with pytest.raises(ValueError, match="cfg_scale: this model has no null class"):
         sample_tokens(gpt, torch.tensor([0]), cfg_scale=2.0)
     assert sample_tokens(gpt, torch.tensor([0])).shape == (1, 16)

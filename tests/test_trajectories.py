@@ -124,7 +124,7 @@ def test_corrupt_and_truncated_shards_are_named(teacher, tmp_path):
 
 
 def _recipe_args(saved: Path, out: Path, n: int, shard: int) -> list[str]:
-    return ["--gpt", str(saved / "gpt"), "--vq", str(saved / "vq"), "--out", str(out), "--num-samples", str(n),
+    return ["--model", str(saved / "gpt"), "--tokenizer", str(saved / "vq"), "--out", str(out), "--num-samples", str(n),
             "--shard-size", str(shard), "--batch-size", "4", "--seed", "3", "--cfg-scale", "2.0", "--top-k", "40",
             "--temperature", "0.9", "--no-progress"]  # fmt: skip
 

@@ -276,7 +276,7 @@ def test_input_errors(models, refs):
         var(tokens, labels[:2])
     with pytest.raises(ValueError, match=r"class_labels: class ids must lie in \[0, 10\)"):
         sample_tokens(var, torch.tensor([10]))
-    with pytest.raises(ValueError, match="prefix: 90 tokens do not fit seq_len=85"):
+    with pytest.raises(ValueError, match="prefix: sequence of 90 tokens does not fit seq_len=85"):
         sample_tokens(var, labels, prefix=torch.zeros(3, 90, dtype=torch.long))
 
 

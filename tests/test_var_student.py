@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from distilled_decoding import VAR, CheckpointError, DistilledDecodingPipeline, MultiScaleVQVAE
+from distilled_decoding.losses import distillation_losses, student_outputs
+from distilled_decoding.provenance import teacher_fingerprint
 from distilled_decoding.sampling import FlowChooser, sample_tokens
-from distilled_decoding.student import DDVARStudent, nearest_codes, perturb, student_from_teacher
-from distilled_decoding.trajectories import teacher_fingerprint
+from distilled_decoding.students import DDVARStudent, nearest_codes, perturb, student_from_teacher
 
 from .conftest import randomize_
 
@@ -37,6 +38,14 @@ TINY_VAE = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1), num_res_bloc
 TINY_VAR = dict(num_classes=10, depth=2, embed_dim=64, num_heads=2, patch_nums=PN, vocab_size=64, Cvae=8,
                 drop_path_rate=0.0)  # fmt: skip
 SAMPLING = {"cfg_scale": 1.5, "cfg_interval": -1, "top_k": 32, "top_p": 1.0, "temperature": 1.0}
+
+
+def _loss(student, noise, tokens, labels, t, forward=None):
+    """The official DD losses (ce + mse, weight 1) of one batch, with the raw heads (distilled_decoding.losses)."""
+    batch = {"noise": noise, "tokens": tokens, "class_label": labels}
+    out = student_outputs(student, batch, t, forward)
+    losses = distillation_losses(student, batch, t, {"ce": 1.0, "mse": 1.0}, forward=forward)
+    return {**losses, "logits": out.logits, "vectors": out.vectors}
 
 
 def _read(path: Path) -> dict[str, torch.Tensor]:
@@ -139,7 +148,7 @@ def test_from_official_formats_and_errors(released, ref, ref_vae, tmp_path):
 def test_data_positions_and_mask(student):
     assert student.data_positions(torch.arange(5)).tolist() == STARTS
     assert student.split_position == 21 and student.num_scales == 4
-    with pytest.raises(ValueError, match=r"t: expected numbers of completed scales in \[0, 4\]"):
+    with pytest.raises(ValueError, match=r"t: expected numbers of completed decoding steps in \[0, 4\]"):
         student.data_positions(torch.tensor([5]))
     mask = student.attn_bias_for_masking[0, 0]
     lvl = student.lvl_1L[0]
@@ -211,7 +220,7 @@ def test_loss_only_on_noise_positions_and_learns(student):
     tokens = torch.randint(0, 64, (4, 85), generator=torch.Generator().manual_seed(9))
     labels = torch.tensor([0, 1, 2, 3])
     t = torch.tensor([2, 2, 0, 0])
-    out = s.loss(noise, tokens, labels, t)
+    out = _loss(s, noise, tokens, labels, t)
     ce = F.cross_entropy(out["logits"].transpose(1, 2), tokens, reduction="none")
     assert torch.allclose(out["ce"], (ce[:2, 5:].mean(1).sum() + ce[2:].mean(1).sum()) / 4, atol=1e-6)
     se = (out["vectors"][:, 21:] - codebook[tokens[:, 21:]]).square().mean()
@@ -224,23 +233,23 @@ def test_loss_only_on_noise_positions_and_learns(student):
         seen["x"] = x
         return s(x, y, tt)
 
-    again = s.loss(noise, tokens, labels, t, forward=forward)
+    again = _loss(s, noise, tokens, labels, t, forward=forward)
     assert torch.equal(again["total"], out["total"])
     assert torch.equal(seen["x"], perturb(codebook[tokens], s.data_positions(t), noise))
     s.train()
     zero = torch.zeros(4, dtype=torch.long)
     with torch.no_grad():
-        start = float(s.loss(noise, tokens, labels, zero)["total"])
+        start = float(_loss(s, noise, tokens, labels, zero)["total"])
     opt = torch.optim.Adam(s.parameters(), lr=3e-3)
     for _ in range(12):
-        loss = s.loss(noise, tokens, labels, zero)["total"]
+        loss = _loss(s, noise, tokens, labels, zero)["total"]
         opt.zero_grad()
         loss.backward()
         for p in (s.final_layer_conti.linear.weight, s.layerwise_n_d_embed[0].weight, s.n_d_embed.weight):
             assert p.grad is not None and p.grad.abs().sum() > 0
         opt.step()
     with torch.no_grad():
-        assert float(s.loss(noise, tokens, labels, zero)["total"]) < 0.7 * start
+        assert float(_loss(s, noise, tokens, labels, zero)["total"]) < 0.7 * start
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -302,11 +311,11 @@ def test_input_and_config_errors(student):
     with pytest.raises(ValueError, match=r"class_labels: expected a \(2,\) integer tensor"):
         student.sample(torch.randn(2, 85, 8), torch.tensor([0]))
     base = dict(depth=1, embed_dim=32, num_heads=2, num_classes=10, patch_nums=PN, vocab_size=64, codebook_dim=8)
-    with pytest.raises(ValueError, match=r"timesteps=\[0, 4\]: expected increasing numbers of completed scales"):
+    with pytest.raises(ValueError, match=r"timesteps=\[0, 4\]: expected increasing numbers of completed"):
         DDVARStudent(**base, timesteps=(0, 4), split=2)
     with pytest.raises(ValueError, match=r"timesteps=\[1, 2\]"):
         DDVARStudent(**base, timesteps=(1, 2), split=2)
-    with pytest.raises(ValueError, match=r"split=5: expected a number of scales in \[0, 4\]"):
+    with pytest.raises(ValueError, match=r"split=5: expected a number of decoding steps in \[0, 4\]"):
         DDVARStudent(**base, timesteps=(0, 2), split=5)
     with pytest.raises(ValueError, match="codebook_dim=0"):
         DDVARStudent(**{**base, "codebook_dim": 0})
@@ -357,7 +366,7 @@ def test_pipeline_modes_refinement_and_round_trip(pipe, teacher, tmp_path):
     res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "dd")], capture_output=True, text=True,
                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert res.returncode == 0 and "DDVARStudent (85, 8)" in res.stdout, res.stderr[-2000:]
-    with pytest.raises(ValueError, match=r"teacher_tokens=\(1, 3\): expected \(T, t2\)"):
+    with pytest.raises(ValueError, match=r"teacher_tokens=\(1, 3\): expected a pair of ints \(T, t2\)"):
         pipe.generate(noise, labels, teacher=teacher, teacher_tokens=(1, 3))
 
 

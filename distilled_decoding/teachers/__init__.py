@@ -1,79 +1,57 @@
-"""Teacher AR models: LlamaGen (raster order), VAR (next-scale)."""
+"""Teacher AR models behind one interface (:class:`~distilled_decoding.teachers.base.Teacher`) and the registry of
+teacher families: LlamaGen (raster order), VAR (next-scale), PAR (region-parallel)."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
-__all__ = ["load_llamagen_teacher", "load_var_teacher", "load_teacher"]
+from distilled_decoding.teachers.base import (
+    Teacher,
+    TeacherFamily,
+    families,
+    family_of,
+    get_family,
+    register_family,
+)
+
+__all__ = ["Teacher", "TeacherFamily", "families", "family_of", "get_family", "register_family", "load_teacher"]
+
+register_family(
+    TeacherFamily(
+        name="llamagen",
+        teacher="distilled_decoding.teachers.llamagen:LlamaGen",
+        student="distilled_decoding.students.llamagen:DDStudent",
+        loader="distilled_decoding.teachers.llamagen:load_llamagen",
+        description="LlamaGen class-conditional GPT (raster order) + VQ tokenizer",
+        schedule_fraction=80 / 256,  # the released LlamaGen DD students: timesteps (0, 80) of 256 tokens
+        embedded=("checkpoints/digits_llamagen/gpt", "checkpoints/digits_llamagen/vq"),
+    )
+)
+register_family(
+    TeacherFamily(
+        name="var",
+        teacher="distilled_decoding.teachers.var:VAR",
+        student="distilled_decoding.students.var:DDVARStudent",
+        loader="distilled_decoding.teachers.var:load_var",
+        description="VAR next-scale transformer + its multi-scale VQVAE",
+        schedule_fraction=0.5,
+        # the released DD-VAR students by (teacher depth, scales) (VAR/README.md commands; split = t2)
+        released_schedules={(16, 10): (0, 5), (20, 10): (0, 4), (24, 10): (0, 4)},
+        embedded=("checkpoints/digits_var", None),
+    )
+)
+register_family(
+    TeacherFamily(
+        name="par",
+        teacher="distilled_decoding.teachers.par:PAR",
+        student=None,
+        loader="distilled_decoding.teachers.par:load_par",
+        description="PAR region-parallel LlamaGen (k tokens a decoding step) + VQ tokenizer",
+        schedule_fraction=80 / 256,
+    )
+)
 
 
-def load_llamagen_teacher(
-    gpt: str | os.PathLike,
-    vq: str | os.PathLike,
-    *,
-    preset: str | None = None,
-    block_size: int | None = None,
-    vq_preset: str | None = None,
-    **gpt_config: Any,
-):
-    """Load a LlamaGen teacher and its VQ tokenizer from either kind of source.
-
-    A folder is read with ``from_pretrained`` (what ``save_pretrained`` wrote, e.g. the embedded default in
-    ``checkpoints/digits_llamagen/{gpt,vq}``); a file is an official checkpoint (``c2i_B_256.pt``,
-    ``vq_ds16_c2i.pt``) read with ``from_official``. Returns ``(gpt, vq)`` in eval mode.
-    """
-    from distilled_decoding.teachers.llamagen import LlamaGen
-    from distilled_decoding.tokenizers.vq import VQTokenizer
-
-    gpt, vq = Path(gpt), Path(vq)
-    for name, p in (("gpt", gpt), ("vq", vq)):
-        if not p.exists():
-            raise ValueError(f"{name}: {p} does not exist (expected a save_pretrained folder or an official file)")
-    if gpt.is_dir():
-        model = LlamaGen.from_pretrained(gpt)
-    else:
-        model = LlamaGen.from_official(gpt, preset=preset, block_size=block_size, **gpt_config)
-    tok = VQTokenizer.from_pretrained(vq) if vq.is_dir() else VQTokenizer.from_official(vq, preset=vq_preset)
-    if tok.codebook_size != model.vocab_size:
-        raise ValueError(
-            f"vq: codebook of {tok.codebook_size} entries does not match the GPT's vocab_size {model.vocab_size}"
-        )
-    return model.eval(), tok.eval()
-
-
-def load_var_teacher(
-    var: str | os.PathLike, vae: str | os.PathLike | None = None, *, depth: int | str | None = None, **overrides: Any
-):
-    """Load a VAR teacher with its multi-scale VQVAE: a ``save_pretrained`` folder (which holds the VAE), or the
-    official ``var_d16.pth`` + ``vae_ch160v4096z32.pth`` files. Returns ``(var, var.vae)`` in eval mode."""
-    from distilled_decoding.teachers.var import VAR
-
-    var = Path(var)
-    if not var.exists():
-        raise ValueError(f"var: {var} does not exist (expected a save_pretrained folder or an official .pth file)")
-    if var.is_dir():
-        model = VAR.from_pretrained(var)
-    else:
-        if vae is None:
-            raise ValueError("vae: an official VAR checkpoint needs its VAE file (vae_ch160v4096z32.pth)")
-        if isinstance(depth, str):
-            depth = int(depth.lstrip("d"))
-        model = VAR.from_official(var, vae, depth=depth, **overrides)
-    if getattr(model, "vae", None) is None:
-        raise ValueError(f"var: {var} carries no VAE; pass the VAE file as well")
-    return model.eval(), model.vae.eval()
-
-
-def load_teacher(kind: str, model: str | os.PathLike, tokenizer: str | os.PathLike | None = None, **kwargs: Any):
-    """``(teacher, tokenizer)`` for ``kind`` "llamagen" (GPT + VQ) or "var" (VAR + its VQVAE)."""
-    if kind == "llamagen":
-        if tokenizer is None:
-            raise ValueError("tokenizer: a LlamaGen teacher needs its VQ tokenizer (folder or vq_ds16_c2i.pt)")
-        preset = kwargs.pop("preset", None)
-        return load_llamagen_teacher(model, tokenizer, preset=preset, **kwargs)
-    if kind == "var":
-        kwargs.pop("block_size", None)
-        return load_var_teacher(model, tokenizer, depth=kwargs.pop("preset", None), **kwargs)
-    raise ValueError(f"kind={kind!r}: expected 'llamagen' or 'var'")
+def load_teacher(kind: str, model: Any, tokenizer: Any = None, **options: Any) -> tuple[Any, Any]:
+    """``(teacher, tokenizer)`` in eval mode for the registered family ``kind``."""
+    return get_family(kind).load(model, tokenizer, **options)

@@ -37,185 +37,38 @@ generator=g)`` draws the same tokens as ``autoregressive_infer_cfg(B, labels, g_
 top_p=p)`` (official ``top_p=0`` = our ``top_p=1``): the multinomial draws consume the generator identically; top-k
 is the same filter; top-p differs only at exact ties of the cumulative mass (VAR removes a token when the mass
 strictly before it is ≥ p, the shared LlamaGen filter when it is > p).
+
+Layers: :mod:`~distilled_decoding.teachers.var_layers`; configuration and released sizes:
+:mod:`~distilled_decoding.teachers.var_config`; reading official files:
+:mod:`~distilled_decoding.teachers.var_official`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
-from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
 from distilled_decoding.checkpoints import CheckpointError, load_state_dict_file, load_strict
-from distilled_decoding.teachers.llamagen import DropPath
-from distilled_decoding.tokenizers.msvq import PATCH_NUMS_256, PATCH_NUMS_512, MultiScaleVQVAE
+from distilled_decoding.conditions import ClassCondition
+from distilled_decoding.model_config import config_fields, config_init
+from distilled_decoding.teachers.base import check_token_ids
+from distilled_decoding.teachers.var_config import VAR_PRESETS, VARConfig, var_depth_config
+from distilled_decoding.teachers.var_layers import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, VARCache
+from distilled_decoding.teachers.var_official import config_hint, describe_config, official_var_config
+from distilled_decoding.tokenizers.msvq import MultiScaleVQVAE
 
-__all__ = ["VAR", "VARCache", "VAR_PRESETS", "var_depth_config", "official_var_config"]
-
-
-def var_depth_config(depth: int) -> dict[str, Any]:
-    """The official ``build_vae_var`` recipe for a depth: width 64·depth, depth heads (head_dim 64), mlp_ratio 4,
-    drop_path 0.1·depth/24, norm_eps 1e-6, l2-normalised attention; depth 36 = shared AdaLN at 512px."""
-    d36 = depth == 36
-    return dict(
-        depth=depth,
-        embed_dim=depth * 64,
-        num_heads=depth,
-        mlp_ratio=4.0,
-        drop_rate=0.0,
-        attn_drop_rate=0.0,
-        drop_path_rate=0.1 * depth / 24,
-        norm_eps=1e-6,
-        shared_aln=d36,
-        cond_drop_rate=0.1,
-        attn_l2_norm=True,
-        patch_nums=PATCH_NUMS_512 if d36 else PATCH_NUMS_256,
-    )
+__all__ = ["VAR", "VARCache", "VARConfig", "VAR_PRESETS", "var_depth_config", "official_var_config"]
 
 
-#: Released sizes (``var_d{16,20,24,30,36}.pth``); values are constructor arguments.
-VAR_PRESETS: dict[str, dict[str, Any]] = {f"d{d}": var_depth_config(d) for d in (16, 20, 24, 30, 36)}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# layers (official names: SelfAttention, FFN, AdaLNSelfAttn, AdaLNBeforeHead, SharedAdaLin)
-# ----------------------------------------------------------------------------------------------------------
-class _SelfAttention(nn.Module):
-    def __init__(self, embed_dim: int, num_heads: int, attn_drop: float, proj_drop: float, attn_l2_norm: bool):
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
-        self.attn_l2_norm = attn_l2_norm
-        if attn_l2_norm:
-            self.scale = 1.0
-            self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
-            self.max_scale_mul = torch.log(torch.tensor(100.0, device="cpu")).item()
-        else:
-            self.scale = 0.25 / math.sqrt(self.head_dim)
-        self.mat_qkv = nn.Linear(embed_dim, embed_dim * 3, bias=False)
-        self.q_bias = nn.Parameter(torch.zeros(embed_dim))
-        self.v_bias = nn.Parameter(torch.zeros(embed_dim))
-        self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
-        self.proj = nn.Linear(embed_dim, embed_dim)
-        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
-        self.attn_drop = attn_drop
-
-    def forward(
-        self, x: Tensor, attn_bias: Tensor | None, kv: tuple[Tensor, Tensor] | None = None, start: int = 0
-    ) -> Tensor:
-        """x (B, l, C). Without ``kv``: attention among the l positions under ``attn_bias`` (additive, (1, 1, l, l)).
-        With ``kv`` (two (B, H, L, head_dim) buffers): x sits at positions start..start+l−1; its keys/values are
-        written there and the queries attend to the filled positions [0, start+l) (masked by ``attn_bias``, if
-        given, of shape (1, 1, l, start+l))."""
-        b, n, c = x.shape
-        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = F.linear(x, self.mat_qkv.weight, bias=bias).view(b, n, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(dim=0)  # (B, H, l, hd)
-        if self.attn_l2_norm:
-            scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
-            q = F.normalize(q, dim=-1).mul(scale_mul)
-            k = F.normalize(k, dim=-1)
-        if kv is not None:
-            k_cache, v_cache = kv
-            k_cache[:b, :, start : start + n] = k
-            v_cache[:b, :, start : start + n] = v
-            k, v = k_cache[:b, :, : start + n], v_cache[:b, :, : start + n]
-        if attn_bias is not None:
-            attn_bias = attn_bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_bias, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
-        )
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
-
-
-class _FFN(nn.Module):
-    def __init__(self, dim: int, hidden: int, drop: float):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.act(self.fc1(x))))
-
-
-class _SharedAdaLin(nn.Linear):
-    def forward(self, cond: Tensor) -> Tensor:
-        return super().forward(cond).view(-1, 1, 6, self.weight.shape[0] // 6)  # (B, 1, 6, C)
-
-
-class _AdaLNSelfAttn(nn.Module):
-    def __init__(self, cfg: Mapping[str, Any], drop_path: float):
-        super().__init__()
-        c = self.C = cfg["embed_dim"]
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.attn = _SelfAttention(c, cfg["num_heads"], cfg["attn_drop_rate"], cfg["drop_rate"], cfg["attn_l2_norm"])
-        self.ffn = _FFN(c, round(c * cfg["mlp_ratio"]), cfg["drop_rate"])
-        self.ln_wo_grad = nn.LayerNorm(c, eps=cfg["norm_eps"], elementwise_affine=False)
-        self.shared_aln = cfg["shared_aln"]
-        if self.shared_aln:
-            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, c) / c**0.5)
-        else:
-            self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), nn.Linear(c, 6 * c))
-
-    def modulation(self, cond: Tensor) -> Tensor:
-        """cond (B, D) (or the shared (B, 1, 6, C) with shared_aln) → (B, 1, 6, C) = (γ1, γ2, s1, s2, b1, b2)."""
-        if self.shared_aln:
-            return self.ada_gss + cond
-        return self.ada_lin(cond).view(-1, 1, 6, self.C)
-
-    def forward(
-        self, x: Tensor, mod: Tensor, attn_bias: Tensor | None, kv: tuple[Tensor, Tensor] | None = None, start: int = 0
-    ) -> Tensor:
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unbind(2)
-        h = self.attn(self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1), attn_bias, kv, start)
-        x = x + self.drop_path(h.mul_(gamma1))
-        return x + self.drop_path(self.ffn(self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2)).mul(gamma2))
-
-
-class _AdaLNBeforeHead(nn.Module):
-    def __init__(self, c: int, d: int, eps: float):
-        super().__init__()
-        self.C = c
-        self.ln_wo_grad = nn.LayerNorm(c, eps=eps, elementwise_affine=False)
-        self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), nn.Linear(d, 2 * c))
-
-    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
-        scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.C).unbind(2)
-        return self.ln_wo_grad(x).mul(scale.add(1)).add_(shift)
-
-
-@dataclass
-class VARCache:
-    """Decoding state: static KV cache ``k``/``v`` (depth, B, H, L, head_dim) written in place, the cumulative latent
-    ``f_hat`` (B, Cvae, pn_S, pn_S), the class embeddings ``cond`` (B, C) and per-block AdaLN modulations."""
-
-    k: Tensor
-    v: Tensor
-    f_hat: Tensor
-    cond: Tensor
-    mods: list[Tensor]
-    lvl_pos: Tensor
-    scale: int = -1  # the scale whose logits were returned last
-    pos: int = 0  # number of filled cache positions
-
-    @property
-    def batch_size(self) -> int:
-        return self.k.shape[1]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the model
-# ----------------------------------------------------------------------------------------------------------
 class VAR(ModelMixin, ConfigMixin):
     """Class-conditional VAR. Constructor arguments are the official ``VAR`` names (without the VAE object), plus
     ``vocab_size`` / ``Cvae`` (read from the VAE upstream) and ``vae_config`` (the owned VAE's config, or None).
@@ -229,33 +82,15 @@ class VAR(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = False
+    family: ClassVar[str] = "var"
 
-    @register_to_config
-    def __init__(
-        self,
-        num_classes: int = 1000,
-        depth: int = 16,
-        embed_dim: int = 1024,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.1 * 16 / 24,
-        norm_eps: float = 1e-6,
-        shared_aln: bool = False,
-        cond_drop_rate: float = 0.1,
-        attn_l2_norm: bool = True,
-        patch_nums: Sequence[int] = PATCH_NUMS_256,
-        vocab_size: int = 4096,
-        Cvae: int = 32,  # noqa: N803 - official name
-        vae_config: Mapping[str, Any] | None = None,
-    ):
+    @config_init(VARConfig)
+    def __init__(self, cfg: VARConfig):
         super().__init__()
-        cfg = _validate({k: v for k, v in locals().items() if k in _FIELDS})
-        c = self.C = self.D = cfg["embed_dim"]
-        self.depth, self.num_heads = cfg["depth"], cfg["num_heads"]
-        self.V, self.Cvae = cfg["vocab_size"], cfg["Cvae"]
-        self.patch_nums: tuple[int, ...] = cfg["patch_nums"]
+        c = self.C = self.D = cfg.embed_dim
+        self.depth, self.num_heads = cfg.depth, cfg.num_heads
+        self.V, self.Cvae = cfg.vocab_size, cfg.Cvae
+        self.patch_nums: tuple[int, ...] = cfg.patch_nums
         self.first_l = self.patch_nums[0] ** 2
         self.begin_ends: list[tuple[int, int]] = []
         cur = 0
@@ -263,29 +98,29 @@ class VAR(ModelMixin, ConfigMixin):
             self.begin_ends.append((cur, cur + pn * pn))
             cur += pn * pn
         self.L = cur
-        self.cond_drop_rate = cfg["cond_drop_rate"]
+        self.cond_drop_rate = cfg.cond_drop_rate
 
         self.word_embed = nn.Linear(self.Cvae, c)
-        self.class_emb = nn.Embedding(cfg["num_classes"] + 1, c)
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, c)
         self.pos_start = nn.Parameter(torch.zeros(1, self.first_l, c))
         self.pos_1LC = nn.Parameter(torch.zeros(1, self.L, c))
         self.lvl_embed = nn.Embedding(len(self.patch_nums), c)
         self.shared_ada_lin = (
-            nn.Sequential(nn.SiLU(inplace=False), _SharedAdaLin(c, 6 * c)) if cfg["shared_aln"] else nn.Identity()
+            nn.Sequential(nn.SiLU(inplace=False), SharedAdaLin(c, 6 * c)) if cfg.shared_aln else nn.Identity()
         )
-        dpr = torch.linspace(0, cfg["drop_path_rate"], self.depth, device="cpu").tolist()
-        self.blocks = nn.ModuleList(_AdaLNSelfAttn(cfg, dpr[i]) for i in range(self.depth))
+        dpr = torch.linspace(0, cfg.drop_path_rate, self.depth, device="cpu").tolist()
+        self.blocks = nn.ModuleList(AdaLNSelfAttn(cfg, dpr[i]) for i in range(self.depth))
         d = torch.cat([torch.full((pn * pn,), i) for i, pn in enumerate(self.patch_nums)]).view(1, self.L, 1)
         dt = d.transpose(1, 2)
         self.register_buffer("lvl_1L", dt[:, 0].contiguous())
         self.register_buffer(
             "attn_bias_for_masking", torch.where(d >= dt, 0.0, -torch.inf).reshape(1, 1, self.L, self.L).contiguous()
         )
-        self.head_nm = _AdaLNBeforeHead(c, c, cfg["norm_eps"])
+        self.head_nm = AdaLNBeforeHead(c, c, cfg.norm_eps)
         self.head = nn.Linear(c, self.V)
         self.vae: MultiScaleVQVAE | None = None
-        if vae_config is not None:
-            vae = MultiScaleVQVAE(**vae_config)
+        if cfg.vae_config is not None:
+            vae = MultiScaleVQVAE(**cfg.vae_config)
             self._check_vae(vae, "vae_config")
             self.vae = vae
         self.init_weights()
@@ -335,9 +170,9 @@ class VAR(ModelMixin, ConfigMixin):
         name = f"d{preset}" if isinstance(preset, int) and not isinstance(preset, bool) else preset
         if name not in VAR_PRESETS:
             raise ValueError(f"preset={preset!r}: expected one of {sorted(VAR_PRESETS)} (or the depth as an int)")
-        unknown = sorted(set(overrides) - set(_FIELDS))
+        unknown = sorted(set(overrides) - set(config_fields(VARConfig)))
         if unknown:
-            raise ValueError(f"unknown VAR config field(s) {unknown}; valid: {sorted(_FIELDS)}")
+            raise ValueError(f"unknown VAR config field(s) {unknown}; valid: {sorted(config_fields(VARConfig))}")
         return cls(**{**VAR_PRESETS[name], **overrides})
 
     @classmethod
@@ -362,15 +197,15 @@ class VAR(ModelMixin, ConfigMixin):
         """
         var_path = Path(var_path)
         sd = load_state_dict_file(var_path, key=key)
-        unknown = sorted(set(overrides) - set(_FIELDS))
+        unknown = sorted(set(overrides) - set(config_fields(VARConfig)))
         if unknown:
-            raise ValueError(f"unknown VAR config field(s) {unknown}; valid: {sorted(_FIELDS)}")
+            raise ValueError(f"unknown VAR config field(s) {unknown}; valid: {sorted(config_fields(VARConfig))}")
         cfg = official_var_config(sd, depth=depth, filename=var_path.name, **overrides)
         cfg.pop("vae_config", None)
         with torch.device("meta"):
             model = cls(**cfg)
-        what = f"VAR ({_describe(cfg)})"
-        load_strict(model, sd, source=str(var_path), what=what, hint=partial(_hint, cfg), assign=True)
+        what = f"VAR ({describe_config(cfg)})"
+        load_strict(model, sd, source=str(var_path), what=what, hint=partial(config_hint, cfg), assign=True)
         model.requires_grad_(True)
         if vae_path is not None:
             vae = MultiScaleVQVAE.from_official(
@@ -387,7 +222,8 @@ class VAR(ModelMixin, ConfigMixin):
         / ``from_pretrained`` keep the pair). Raises ValueError when its vocab / Cvae / patch_nums do not fit."""
         self._check_vae(vae, "vae")
         self.vae = vae
-        self.register_to_config(vae_config={k: _plain(v) for k, v in vae.config.items() if not k.startswith("_")})
+        vae_config = {k: list(v) if isinstance(v, tuple) else v for k, v in vae.config.items() if not k.startswith("_")}
+        self.register_to_config(vae_config=vae_config)
         return self
 
     def _check_vae(self, vae: Any, name: str) -> None:
@@ -428,8 +264,17 @@ class VAR(ModelMixin, ConfigMixin):
         return int(self.config.num_classes)
 
     @property
+    def condition(self) -> ClassCondition:
+        return ClassCondition(self.num_classes, self.null_class)
+
+    @property
     def vocab_size(self) -> int:
         return self.V
+
+    @property
+    def token_order(self) -> None:
+        """Scale-major order is the multi-scale tokenizer's own order."""
+        return None
 
     @property
     def seq_len(self) -> int:
@@ -450,7 +295,7 @@ class VAR(ModelMixin, ConfigMixin):
         """tokens (B, L) long scale-major, class_labels (B,) long → logits (B, L, V) float32 (teacher forcing)."""
         self._require_vae("forward")
         self.check_tokens(tokens, "tokens", exact=True)
-        self.check_labels(class_labels, tokens.shape[0])
+        class_labels = self.condition.check(class_labels, tokens.shape[0])
         return self.logits_from_prefix(tokens[:, : self.begin_ends[-1][0]], class_labels)
 
     def logits_from_prefix(self, prefix: Tensor | None, class_labels: Tensor) -> Tensor:
@@ -505,41 +350,15 @@ class VAR(ModelMixin, ConfigMixin):
         """vectors (B, L, Cvae) scale-major → images (B, 3, H, W) in [-1, 1] through the owned VAE."""
         return self._require_vae("decode_vectors").decode_vectors(vectors)
 
-    # -- validation ------------------------------------------------------------------------------------------
     def check_tokens(
         self, tokens: Tensor, name: str = "tokens", max_len: int | None = None, exact: bool = False
     ) -> None:
-        """ValueError naming ``name`` unless tokens is a (B, N) integer tensor of ids in [0, V); ``exact``: N = L;
-        ``max_len``: N ≤ max_len."""
-        if not isinstance(tokens, Tensor) or tokens.ndim != 2:
-            raise ValueError(f"{name}: expected a (B, N) integer tensor, got {_shape_of(tokens)}")
-        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.is_complex():
-            raise ValueError(f"{name}: expected an integer dtype (torch.long), got {tokens.dtype}")
-        if exact and tokens.shape[1] != self.L:
-            raise ValueError(
-                f"{name}: expected {self.L} tokens per image (all scales of patch_nums={self.patch_nums}, "
-                f"scale-major), got {tokens.shape[1]}"
-            )
-        if max_len is not None and tokens.shape[1] > max_len:
-            raise ValueError(f"{name}: {tokens.shape[1]} tokens do not fit seq_len={self.L}; expected N <= {max_len}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.V):
-            raise ValueError(
-                f"{name}: token ids must lie in [0, {self.V}) (vocab_size); "
-                f"got min {int(tokens.min())}, max {int(tokens.max())}"
-            )
+        """ValueError naming ``name`` unless tokens is a (B, N) integer tensor of ids in [0, V); ``exact``: N = L
+        (all scales, scale-major); ``max_len``: N ≤ max_len."""
+        check_token_ids(tokens, self.V, name, length=self.L if exact else None, max_len=max_len,
+                        length_means=f"all scales of patch_nums={self.patch_nums}, scale-major")  # fmt: skip
 
-    def check_labels(self, class_labels: Tensor, batch: int, name: str = "class_labels") -> None:
-        if not isinstance(class_labels, Tensor) or class_labels.ndim != 1 or class_labels.shape[0] != batch:
-            raise ValueError(f"{name}: expected a ({batch},) integer tensor, got {_shape_of(class_labels)}")
-        if class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool:
-            raise ValueError(f"{name}: expected an integer dtype (torch.long), got {class_labels.dtype}")
-        if class_labels.numel() and (int(class_labels.min()) < 0 or int(class_labels.max()) >= self.num_classes):
-            raise ValueError(
-                f"{name}: class ids must lie in [0, {self.num_classes}) (num_classes); "
-                f"got min {int(class_labels.min())}, max {int(class_labels.max())}"
-            )
-
-    # -- KV-cached decoding (protocol of distilled_decoding.sampling) ---------------------------------------
+    # -- KV-cached decoding (the Teacher interface) -----------------------------------------------------------
     def decode_groups(self) -> list[tuple[int, int]]:
         """Positions produced by each decoding step: one whole scale per step."""
         return list(self.begin_ends)
@@ -628,156 +447,29 @@ class VAR(ModelMixin, ConfigMixin):
 
 # ----------------------------------------------------------------------------------------------------------
 # config and loading helpers
-# ----------------------------------------------------------------------------------------------------------
-_FIELDS = (
-    "num_classes",
-    "depth",
-    "embed_dim",
-    "num_heads",
-    "mlp_ratio",
-    "drop_rate",
-    "attn_drop_rate",
-    "drop_path_rate",
-    "norm_eps",
-    "shared_aln",
-    "cond_drop_rate",
-    "attn_l2_norm",
-    "patch_nums",
-    "vocab_size",
-    "Cvae",
-    "vae_config",
-)
 
 
-def _validate(cfg: dict[str, Any]) -> dict[str, Any]:
-    def bad(name: str, expected: str) -> ValueError:
-        return ValueError(f"VAR config {name}={cfg[name]!r}: expected {expected}")
-
-    for name in ("num_classes", "depth", "embed_dim", "num_heads", "vocab_size", "Cvae"):
-        v = cfg[name]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise bad(name, "a positive int")
-    if cfg["embed_dim"] % cfg["num_heads"]:
-        raise bad("embed_dim", f"a multiple of num_heads={cfg['num_heads']}")
-    for name in ("drop_rate", "attn_drop_rate", "drop_path_rate", "cond_drop_rate"):
-        v = cfg[name]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-            raise bad(name, "a probability in [0, 1)")
-    for name in ("mlp_ratio", "norm_eps"):
-        v = cfg[name]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
-            raise bad(name, "a finite number > 0")
-    for name in ("shared_aln", "attn_l2_norm"):
-        if not isinstance(cfg[name], bool):
-            raise bad(name, "a bool")
-    pns = cfg["patch_nums"]
-    if (
-        isinstance(pns, (str, bytes))
-        or not isinstance(pns, Sequence)
-        or len(pns) < 2
-        or any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in pns)
-        or any(a >= b for a, b in zip(pns, pns[1:]))
-    ):
-        raise bad("patch_nums", "at least 2 strictly increasing positive ints, e.g. (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)")
-    cfg["patch_nums"] = tuple(int(p) for p in pns)
-    if cfg["vae_config"] is not None and not isinstance(cfg["vae_config"], Mapping):
-        raise bad("vae_config", "None or a dict of MultiScaleVQVAE config fields")
-    return cfg
-
-
-def _plain(v: Any) -> Any:
-    return list(v) if isinstance(v, tuple) else v
-
-
-def _shape_of(x: Any) -> str:
-    return f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
-
-
-def _file_facts(sd: Mapping[str, Tensor]) -> dict[str, Any]:
-    """What a VAR state dict says about its architecture (only the entries it determines)."""
-    out: dict[str, Any] = {}
-    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()}
-    if blocks:
-        out["depth"] = max(blocks) + 1
-    if "pos_1LC" in sd and sd["pos_1LC"].ndim == 3:
-        out["L"], out["embed_dim"] = int(sd["pos_1LC"].shape[1]), int(sd["pos_1LC"].shape[2])
-    if "head.weight" in sd:
-        out["vocab_size"] = int(sd["head.weight"].shape[0])
-    if "word_embed.weight" in sd:
-        out["Cvae"] = int(sd["word_embed.weight"].shape[1])
-    if "class_emb.weight" in sd:
-        out["num_classes"] = int(sd["class_emb.weight"].shape[0]) - 1
-    if blocks:
-        out["attn_l2_norm"] = "blocks.0.attn.scale_mul_1H11" in sd
-        out["shared_aln"] = "shared_ada_lin.1.weight" in sd
-        if out["attn_l2_norm"]:
-            out["num_heads"] = int(sd["blocks.0.attn.scale_mul_1H11"].shape[1])
-    return out
-
-
-def official_var_config(
-    sd: Mapping[str, Tensor], *, depth: int | None = None, filename: str = "", **overrides: Any
-) -> dict[str, Any]:
-    """Constructor arguments for an official VAR state dict: the ``build_vae_var`` recipe of ``depth`` (read from the
-    checkpoint when None), then the fields the tensors determine (vocab, Cvae, classes, shared_aln, attn_l2_norm,
-    256/512px patch_nums), then ``overrides``."""
-    facts = _file_facts(sd)
-    if "depth" not in facts or "embed_dim" not in facts:
-        raise CheckpointError(
-            f"{filename}: not a VAR transformer state dict (no blocks.{{i}} / pos_1LC keys); "
-            "is it the VQVAE file? pass that as vae_path"
-        )
-    if depth is not None:
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"depth={depth!r}: expected a positive int (16, 20, 24, 30 or 36 for the released models)")
-        base = var_depth_config(depth)
-    elif facts["embed_dim"] == 64 * facts["depth"]:
-        base = var_depth_config(facts["depth"])
+def load_var(
+    model: str | os.PathLike,
+    tokenizer: str | os.PathLike | None = None,
+    *,
+    preset: int | str | None = None,
+    block_size: int | None = None,
+) -> tuple[VAR, MultiScaleVQVAE]:
+    """``(var, var.vae)`` in eval mode for the ``var`` family: a ``save_pretrained`` folder (which holds the VAE),
+    or the official ``var_d16.pth`` + ``vae_ch160v4096z32.pth`` files. ``preset``: the depth (16 or ``"d16"``)."""
+    if block_size is not None:
+        raise ValueError(f"block_size={block_size!r}: VAR teachers have no block_size (patch_nums set the tokens)")
+    path = Path(model)
+    if not path.exists():
+        raise ValueError(f"model: {path} does not exist (expected a save_pretrained folder or an official .pth file)")
+    if path.is_dir():
+        var = VAR.from_pretrained(path)
     else:
-        base = {**var_depth_config(facts["depth"]), "embed_dim": facts["embed_dim"]}
-        base["num_heads"] = facts.get("num_heads", max(1, facts["embed_dim"] // 64))
-    file_cfg = {k: facts[k] for k in ("vocab_size", "Cvae", "num_classes", "attn_l2_norm", "shared_aln") if k in facts}
-    if depth is None and "num_heads" in facts:
-        file_cfg["num_heads"] = facts["num_heads"]
-    pn_by_len = {sum(p * p for p in pns): pns for pns in (PATCH_NUMS_256, PATCH_NUMS_512)}
-    if facts.get("L") in pn_by_len:
-        file_cfg["patch_nums"] = pn_by_len[facts["L"]]
-    elif "patch_nums" not in overrides:
-        raise ValueError(
-            f"{filename}: L={facts.get('L')} positions fit neither official schedule (680 for {PATCH_NUMS_256}, 2240 "
-            f"for {PATCH_NUMS_512}); pass patch_nums="
-        )
-    return {**base, **file_cfg, **overrides}
-
-
-def _describe(cfg: Mapping[str, Any]) -> str:
-    return (
-        f"depth {cfg['depth']}, embed_dim {cfg['embed_dim']}, {cfg['num_heads']} heads, vocab {cfg.get('vocab_size')}, "
-        f"{cfg.get('num_classes')} classes, attn_l2_norm={cfg.get('attn_l2_norm')}, shared_aln={cfg.get('shared_aln')}"
-    )
-
-
-def _hint(cfg: Mapping[str, Any], sd: Mapping[str, Tensor]) -> str | None:
-    facts = _file_facts(sd)
-    if "depth" not in facts:
-        return "hint: this is not a VAR transformer state dict; is it the VQVAE file? pass that as vae_path"
-    parts = []
-    d, c = facts["depth"], facts.get("embed_dim")
-    if d != cfg["depth"] or c != cfg["embed_dim"]:
-        recipe = " (the build_vae_var recipe: embed_dim = 64·depth)" if c == 64 * d else ""
-        parts.append(f"the checkpoint has {d} blocks of width {c}: it fits depth={d}{recipe}, not depth={cfg['depth']}")
-    l2 = facts.get("attn_l2_norm")
-    if l2 is not None and l2 != cfg["attn_l2_norm"]:
-        parts.append(
-            "the checkpoint was trained "
-            + ("with" if l2 else "without")
-            + " l2-normalised attention (attn_l2_norm="
-            + str(l2)
-            + ": q and k l2-normalised, q scaled by exp(min(scale_mul_1H11, log 100)) per head, softmax scale 1; "
-            "without it the softmax scale is 0.25/sqrt(head_dim) and there is no scale_mul_1H11). Early uploads of "
-            "var_d16/d20 lack scale_mul_1H11; omit attn_l2_norm= to read it from the file"
-        )
-    sh = facts.get("shared_aln")
-    if sh is not None and sh != cfg["shared_aln"]:
-        parts.append(f"the checkpoint has shared_aln={sh} (shared_ada_lin + blocks.{{i}}.ada_gss, as VAR-d36)")
-    return ("hint: " + "; ".join(parts)) if parts else None
+        if tokenizer is None:
+            raise ValueError("tokenizer: an official VAR checkpoint needs its VAE file (vae_ch160v4096z32.pth)")
+        depth = int(preset.lstrip("d")) if isinstance(preset, str) else preset
+        var = VAR.from_official(path, tokenizer, depth=depth)
+    if var.vae is None:
+        raise ValueError(f"model: {path} carries no VAE; pass the VAE file as tokenizer")
+    return var.eval(), var.vae.eval()

@@ -1,0 +1,219 @@
+"""The LlamaGen Distilled Decoding student (``microsoft/distilled_decoding`` ``LlamaGen/autoregressive/models/dd.py``
+``DDTransformer``; module names and keys are the official ones, so released checkpoints load with
+:meth:`DDStudent.from_official`):
+
+* the teacher's backbone (RMSNorm, SwiGLU, 2-D RoPE), class table, final norm and logits head, copied by
+  :meth:`DDStudent.from_teacher`;
+* new: ``tok_embeddings = Linear(D, dim)`` reading D-dimensional noise/data vectors, the 2-entry ``n_d_embed``
+  indicator (1 for the class token and the first ``t`` positions, which hold data; 0 for noise), and
+  ``final_layer_conti`` (class-modulated LayerNorm → Linear(dim, D)), the continuous head;
+* causal attention over ``[class, x_1..x_N]`` (the teacher decodes one token a step, so "earlier steps and itself"
+  is causal); outputs are *not* shifted: position i reads its own noise and everything before it.
+
+Schedule, prediction and sampling: :class:`~distilled_decoding.students.base.FewStepStudent` (timesteps and split
+count tokens).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.models.modeling_utils import ModelMixin
+from torch import Tensor, nn
+
+from distilled_decoding.checkpoints import load_state_dict_file, load_strict
+from distilled_decoding.conditions import ClassCondition
+from distilled_decoding.model_config import config_init
+from distilled_decoding.students.base import FewStepStudent, resolve_schedule, validate_schedule
+from distilled_decoding.students.layers import FinalLayer, LabelTable
+from distilled_decoding.teachers.base import get_family
+from distilled_decoding.teachers.llamagen_config import LLAMAGEN_PRESETS, LlamaGenConfig
+from distilled_decoding.teachers.llamagen_layers import RMSNorm, TransformerBlock, precompute_freqs_cis_2d
+
+__all__ = ["DDStudent", "DDStudentConfig"]
+
+
+@dataclass
+class DDStudentConfig:
+    """The teacher's backbone fields (official ModelArgs names), ``codebook_dim`` D, ``split`` (positions < split
+    are read from the logits head, the rest from the continuous head) and ``timesteps`` (the training / sampling
+    schedule in tokens, e.g. (0, 80): 1-step sampling uses t=0, 2-step uses both)."""
+
+    dim: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    rope_base: float = 10000
+    norm_eps: float = 1e-5
+    num_classes: int = 1000
+    vocab_size: int = 16384
+    block_size: int = 256
+    codebook_dim: int = 8
+    split: int = 80
+    timesteps: Sequence[int] = (0, 80)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.codebook_dim, bool) or not isinstance(self.codebook_dim, int) or self.codebook_dim < 1:
+            raise ValueError(f"codebook_dim={self.codebook_dim!r}: expected a positive integer")
+        self.timesteps, self.split = validate_schedule(self.timesteps, self.split, self.backbone().block_size)
+
+    def backbone(self) -> LlamaGenConfig:
+        """The (validated) LlamaGen configuration of the transformer, without dropout."""
+        return LlamaGenConfig(
+            dim=self.dim, n_layer=self.n_layer, n_head=self.n_head, n_kv_head=self.n_kv_head,
+            multiple_of=self.multiple_of, ffn_dim_multiplier=self.ffn_dim_multiplier, rope_base=self.rope_base,
+            norm_eps=self.norm_eps, num_classes=self.num_classes, vocab_size=self.vocab_size,
+            block_size=self.block_size, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0,
+            class_dropout_prob=0.0,
+        )  # fmt: skip
+
+
+class DDStudent(FewStepStudent, ModelMixin, ConfigMixin):
+    """LlamaGen DD student. ``student(x, class_labels, t)`` → (logits (B, N, V) fp32, vectors (B, N, D) fp32).
+
+    Config: :class:`DDStudentConfig`. The (V, D) codebook is a buffer of the student, so a saved student is
+    self-contained.
+    """
+
+    family: ClassVar[str] = "llamagen"
+
+    @config_init(DDStudentConfig)
+    def __init__(self, cfg: DDStudentConfig):
+        super().__init__()
+        a = self.args = cfg.backbone()
+        self.starts = list(range(a.block_size + 1))  # one token per decoding step
+        self.cls_embedding = LabelTable(a.num_classes, a.dim)
+        self.tok_embeddings = nn.Linear(cfg.codebook_dim, a.dim)
+        self.layers = nn.ModuleList(TransformerBlock(a, 0.0) for _ in range(a.n_layer))
+        self.norm = RMSNorm(a.dim, eps=a.norm_eps)
+        self.output = nn.Linear(a.dim, a.vocab_size, bias=False)
+        self.final_layer_conti = FinalLayer(a.dim, cfg.codebook_dim)
+        self.n_d_embed = nn.Embedding(2, a.dim)
+        self.register_buffer("codebook", torch.zeros(a.vocab_size, cfg.codebook_dim))
+        self._freqs: Tensor | None = None
+        if not self.output.weight.is_meta:
+            for m in self.modules():
+                if isinstance(m, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(m.weight, std=0.02)
+                    if getattr(m, "bias", None) is not None:
+                        nn.init.zeros_(m.bias)
+
+    # -- construction ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_teacher(
+        cls,
+        teacher: Any,
+        codebook: Tensor,
+        split: int | None = None,
+        timesteps: Sequence[int] | None = None,
+        init_input: str = "lstsq",
+        *,
+        continuous_head: bool = True,
+    ) -> DDStudent:
+        """A student initialised from the LlamaGen ``teacher`` (class table, all layers, norm, logits head copied)
+        for the tokenizer ``codebook`` (V, D). Schedule defaults: :func:`~distilled_decoding.students.base.
+        resolve_schedule` (timesteps (0, 80) of 256 tokens, the released schedule; split = the last timestep, or N
+        with ``continuous_head=False``).
+
+        ``init_input="lstsq"`` initialises the new ``Linear(D, dim)`` input by least squares so that it maps each
+        codebook vector as close as possible to the teacher's embedding of that token (DD2's continuous-input
+        adaptation, closed form); ``"random"`` keeps N(0, 0.02) as the official code.
+        """
+        a = teacher.args
+        if not isinstance(codebook, Tensor) or codebook.ndim != 2 or codebook.shape[0] != a.vocab_size:
+            got = tuple(codebook.shape) if isinstance(codebook, Tensor) else type(codebook).__name__
+            raise ValueError(f"codebook: expected ({a.vocab_size}, D) for this teacher, got {got}")
+        if init_input not in ("lstsq", "random"):
+            raise ValueError(f"init_input={init_input!r}: expected 'lstsq' or 'random'")
+        n = a.block_size
+        timesteps, split = resolve_schedule(get_family(cls.family), n, None, timesteps, split,
+                                            continuous_head=continuous_head)  # fmt: skip
+        student = cls(
+            dim=a.dim, n_layer=a.n_layer, n_head=a.n_head, n_kv_head=a.n_kv_head, multiple_of=a.multiple_of,
+            ffn_dim_multiplier=a.ffn_dim_multiplier, rope_base=a.rope_base, norm_eps=a.norm_eps,
+            num_classes=a.num_classes, vocab_size=a.vocab_size, block_size=n, codebook_dim=int(codebook.shape[1]),
+            split=split, timesteps=timesteps,
+        )  # fmt: skip
+        student.to(device=teacher.output.weight.device)
+        with torch.no_grad():
+            table = teacher.cls_embedding.embedding_table.weight
+            student.cls_embedding.embedding_table.weight[: table.shape[0]].copy_(table)
+            student.layers.load_state_dict(teacher.layers.state_dict())
+            student.norm.load_state_dict(teacher.norm.state_dict())
+            student.output.load_state_dict(teacher.output.state_dict())
+            student.codebook.copy_(codebook)
+            if init_input == "lstsq":
+                emb = teacher.tok_embeddings.weight.float()
+                design = torch.cat([codebook.float(), torch.ones(codebook.shape[0], 1, device=codebook.device)], 1)
+                sol = torch.linalg.lstsq(design.cpu(), emb.cpu()).solution.to(emb.device)  # (D + 1, dim)
+                student.tok_embeddings.weight.copy_(sol[:-1].T)
+                student.tok_embeddings.bias.copy_(sol[-1])
+        return student
+
+    @classmethod
+    def from_official(
+        cls,
+        path: str | os.PathLike,
+        codebook: Tensor,
+        teacher_preset: str = "GPT-B",
+        split: int = 80,
+        timesteps: Sequence[int] = (0, 80),
+        *,
+        key: str | None = "ema",
+        **config: Any,
+    ) -> DDStudent:
+        """Load a released DD LlamaGen checkpoint (``LlamaGen-DD/llamagen-B.pt``: ``{"ema": state_dict}``).
+        ``codebook`` is the tokenizer's (l2-normalised) codebook; ``split`` 80 (B) or 130 (L) as in the release."""
+        if teacher_preset not in LLAMAGEN_PRESETS:
+            raise ValueError(f"teacher_preset={teacher_preset!r}: expected one of {sorted(LLAMAGEN_PRESETS)}")
+        sd = load_state_dict_file(path, key=key)
+        emb = sd.get("tok_embeddings.weight")
+        cfg = {**LLAMAGEN_PRESETS[teacher_preset], "codebook_dim": int(emb.shape[1]) if emb is not None else 8,
+               "split": split, "timesteps": tuple(timesteps), **config}  # fmt: skip
+        with torch.device("meta"):
+            student = cls(**cfg)
+        sd = {**sd, "codebook": codebook.float()}
+        load_strict(student, sd, source=str(Path(path)), what=f"DD LlamaGen student ({teacher_preset})",
+                    ignore=("freqs_cis",), assign=True)  # fmt: skip
+        return student.eval()
+
+    # -- properties -------------------------------------------------------------------------------------------
+    @property
+    def freqs_cis(self) -> Tensor:
+        device = self.output.weight.device
+        if self._freqs is None or self._freqs.device != device:
+            a = self.args
+            self._freqs = precompute_freqs_cis_2d(a.grid_size, a.head_dim, a.rope_base, 1).to(device)
+        return self._freqs
+
+    @property
+    def condition(self) -> ClassCondition:
+        return ClassCondition(self.args.num_classes)
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        return (self.args.grid_size, self.args.grid_size)
+
+    # -- forward ------------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor, class_labels: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, N, D) noise/data vectors, class_labels (B,) long, t (B,) long (leading data positions)
+        → logits (B, N, V) float32 and continuous vectors (B, N, D) float32 (raw heads, no mixing)."""
+        b, n, _ = x.shape
+        cond = self.cls_embedding(class_labels)
+        flags = (torch.arange(n + 1, device=x.device)[None, :] <= t[:, None]).long()
+        h = torch.cat([cond, self.tok_embeddings(x.to(self.tok_embeddings.weight.dtype))], dim=1)
+        h = h + self.n_d_embed(flags)
+        freqs = self.freqs_cis[: n + 1]
+        for layer in self.layers:
+            h = layer(h, freqs)
+        logits = self.output(self.norm(h[:, 1:])).float()
+        vectors = self.final_layer_conti(h, cond)[:, 1:].float()
+        return logits, vectors
