@@ -21,6 +21,11 @@ _EXPORTS = {
     # checkpoints
     "CheckpointError": "distilled_decoding.checkpoints",
     "load_state_dict_file": "distilled_decoding.checkpoints",
+    # Hugging Face Hub references and the released students
+    "resolve_file": "distilled_decoding.hub",
+    "HubReferenceError": "distilled_decoding.hub",
+    "load_release": "distilled_decoding.releases",
+    "RELEASES": "distilled_decoding.releases",
     # sampling
     "sample_tokens": "distilled_decoding.sampling",
     "MultinomialChooser": "distilled_decoding.sampling",
@@ -35,7 +40,8 @@ _EXPORTS = {
     "DDVARStudent": "distilled_decoding.student",
     "DistilledDecodingPipeline": "distilled_decoding.pipeline",
 }
-_SUBMODULES = {"flow", "sampling", "checkpoints", "trajectories", "student", "pipeline", "metrics", "bench"}
+_SUBMODULES = {"flow", "sampling", "checkpoints", "trajectories", "student", "pipeline", "metrics", "bench", "hub",
+               "releases", "fid"}  # fmt: skip
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 
@@ -60,16 +66,21 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from distilled_decoding import (
         bench,
         checkpoints,
+        fid,
         flow,
+        hub,
         metrics,
         pipeline,
+        releases,
         sampling,
         student,
         trajectories,
     )
     from distilled_decoding.checkpoints import CheckpointError, load_state_dict_file
     from distilled_decoding.flow import noise_to_tokens
+    from distilled_decoding.hub import HubReferenceError, resolve_file
     from distilled_decoding.pipeline import DistilledDecodingPipeline
+    from distilled_decoding.releases import RELEASES, load_release
     from distilled_decoding.sampling import FlowChooser, MultinomialChooser, sample_tokens
     from distilled_decoding.student import DDStudent
     from distilled_decoding.teachers.llamagen import LLAMAGEN_PRESETS, LlamaGen

@@ -46,6 +46,8 @@ class TeacherConfig:
     ``kind="llamagen"``: ``model`` = GPT (``c2i_B_256.pt`` or a folder), ``tokenizer`` = VQ (``vq_ds16_c2i.pt`` or
     a folder), ``preset`` = GPT-B/GPT-L/... (inferred when None). ``kind="var"``: ``model`` = ``var_d16.pth`` (or a
     folder holding the VAE too), ``tokenizer`` = ``vae_ch160v4096z32.pth``, ``preset`` = the depth (16 or "d16").
+    Files may be Hub references, e.g. ``model=FoundationVision/LlamaGen/c2i_B_256.pt``
+    (see :mod:`distilled_decoding.hub`).
     """
 
     kind: str = "llamagen"
@@ -97,7 +99,9 @@ class EvalConfig:
     num_images: int = 1000
     batch_size: int = 250
     seed: int = 1234
-    reference: str = "digits"  # real images to compare with: the bundled digits, or a folder of images
+    # what to compare with: the bundled digits, a folder of real images, or FID statistics (a file or Hub reference,
+    # e.g. microsoft/distilled_decoding/ImageNet-256_FID_Statistic/statistic.pth with feature_extractor=inception)
+    reference: str = "digits"
     feature_extractor: str = "digits-cnn"
     refine: tuple[int, int] | None = None  # teacher_tokens (T, t2); None: (t2 - t2 // 4, t2)
     skip: tuple[int, ...] | None = None  # skip-n baselines; None: (N // 8, N // 4)
@@ -263,12 +267,13 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
 def pipeline_info(cfg: RecipeConfig, ds: Any) -> dict[str, Any]:
     """Provenance stored in the pipeline (and its model card): teacher identity, sampling distilled, data."""
     s = ds.settings
+    model = Path(cfg.teacher.model)
     return {
-        "name": Path(cfg.teacher.model).stem
-        if Path(cfg.teacher.model).is_file()
-        else Path(cfg.teacher.model).name  # a VAR folder holds the whole teacher (digits_var)
+        "name": model.stem
+        if not model.is_dir()  # an official file, local or a Hub reference
+        else model.name  # a VAR folder holds the whole teacher (digits_var)
         if cfg.teacher.kind == "var"
-        else Path(cfg.teacher.model).parent.name,
+        else model.parent.name,
         "teacher": ds.teacher,
         "teacher_sampling": s["sampling"],
         "flow": s["flow"],

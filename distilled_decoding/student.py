@@ -283,13 +283,16 @@ class DDStudent(_FewStepMixin, ModelMixin, ConfigMixin):
         timesteps: Sequence[int] = (0, 80),
         *,
         key: str | None = "ema",
+        revision: str | None = None,
         **config: Any,
     ) -> DDStudent:
-        """Load a released DD LlamaGen checkpoint (``LlamaGen-DD/llamagen-B.pt``: ``{"ema": state_dict}``).
-        ``codebook`` is the tokenizer's (l2-normalised) codebook; ``split`` 80 (B) or 130 (L) as in the release."""
+        """Load a released DD LlamaGen checkpoint (``LlamaGen-DD/llamagen-B.pt``: ``{"ema": state_dict}``), a local
+        path or a Hub reference (``"microsoft/distilled_decoding/LlamaGen-DD/llamagen-B.pt"``; ``revision`` pins it).
+        ``codebook`` is the tokenizer's (l2-normalised) codebook; ``split`` 80 (B) or 130 (L) as in the release
+        (:func:`distilled_decoding.releases.load_release` fills these in)."""
         from distilled_decoding.teachers.llamagen import LLAMAGEN_PRESETS
 
-        sd = load_state_dict_file(path, key=key)
+        sd = load_state_dict_file(path, key=key, revision=revision)
         base = dict(LLAMAGEN_PRESETS[teacher_preset])
         emb = sd.get("tok_embeddings.weight")
         cfg = {**base, "codebook_dim": int(emb.shape[1]) if emb is not None else 8, "split": split,
@@ -297,7 +300,7 @@ class DDStudent(_FewStepMixin, ModelMixin, ConfigMixin):
         with torch.device("meta"):
             student = cls(**cfg)
         sd = {**sd, "codebook": codebook.float()}
-        load_strict(student, sd, source=str(Path(path)), what=f"DD LlamaGen student ({teacher_preset})",
+        load_strict(student, sd, source=os.fspath(path), what=f"DD LlamaGen student ({teacher_preset})",
                     ignore=("freqs_cis",), assign=True)  # fmt: skip
         return student.eval()
 
@@ -618,6 +621,7 @@ class DDVARStudent(_FewStepMixin, ModelMixin, ConfigMixin):
         timesteps: Sequence[int] | None = None,
         *,
         key: str | None = None,
+        revision: str | None = None,
         **config: Any,
     ) -> DDVARStudent:
         """Load a released DD-VAR checkpoint (``VAR-DD/var-d16.pth``: ``{"trainer": {"ema_parameters": sd,
@@ -629,13 +633,14 @@ class DDVARStudent(_FewStepMixin, ModelMixin, ConfigMixin):
         the 256px/512px ``patch_nums`` (from L − 1) are read from the tensors; ``config`` fields win (e.g. the sizes
         of a small model, ``patch_nums``). Defaults: ``timesteps`` :func:`default_var_timesteps`, ``split`` = the
         last timestep (official ``loss_split_t`` 5 for d16, 4 for d20/d24). Buffers the file lacks (an EMA dict of
-        parameters only) are computed.
+        parameters only) are computed. ``path`` may be a Hub reference
+        (``"microsoft/distilled_decoding/VAR-DD/var-d16.pth"``; ``revision`` pins it).
         """
         from distilled_decoding.teachers.var import _FIELDS as VAR_FIELDS
         from distilled_decoding.teachers.var import official_var_config
 
-        path = Path(path)
-        sd = _read_dd_var_state(path, key)
+        sd = _read_dd_var_state(path, key, revision)
+        source, name = os.fspath(path), Path(path).name
         cb = codebook.codebook if hasattr(codebook, "codebook") and not isinstance(codebook, Tensor) else codebook
         if not isinstance(cb, Tensor) or cb.ndim != 2:
             got = type(codebook).__name__
@@ -645,10 +650,10 @@ class DDVARStudent(_FewStepMixin, ModelMixin, ConfigMixin):
             raise ValueError(f"unknown DDVARStudent config field(s) {unknown}; valid: {sorted(_VAR_FIELDS)}")
         pos = sd.get("pos_1LC")
         if pos is None or pos.ndim != 3 or "head.weight" not in sd:
-            raise CheckpointError(f"{path}: not a DD-VAR state dict (no pos_1LC / head.weight)")
+            raise CheckpointError(f"{source}: not a DD-VAR state dict (no pos_1LC / head.weight)")
         view = {**sd, "pos_1LC": torch.empty(1, pos.shape[1] - 1, pos.shape[2], device="meta")}
         over = {k: v for k, v in config.items() if k in VAR_FIELDS}
-        var_cfg = official_var_config(view, depth=depth, filename=path.name, **over)
+        var_cfg = official_var_config(view, depth=depth, filename=name, **over)
         cfg = {k: var_cfg[k] for k in _VAR_FIELDS}
         cfg["codebook_dim"] = int(config.get("codebook_dim", var_cfg["Cvae"]))
         cfg["layerwise_n_d"] = bool(config.get("layerwise_n_d", "layerwise_n_d_embed.0.weight" in sd))
@@ -656,8 +661,7 @@ class DDVARStudent(_FewStepMixin, ModelMixin, ConfigMixin):
         cfg["timesteps"], cfg["split"] = ts, ts[-1] if split is None else split
         if tuple(cb.shape) != (cfg["vocab_size"], cfg["codebook_dim"]):
             raise ValueError(
-                f"codebook: expected ({cfg['vocab_size']}, {cfg['codebook_dim']}) for {path.name}, "
-                f"got {tuple(cb.shape)}"
+                f"codebook: expected ({cfg['vocab_size']}, {cfg['codebook_dim']}) for {name}, got {tuple(cb.shape)}"
             )
         with torch.device("meta"):
             student = cls(**cfg)
@@ -667,7 +671,7 @@ class DDVARStudent(_FewStepMixin, ModelMixin, ConfigMixin):
         sd = {**derived, **sd, "codebook": cb.detach().float().cpu()}
         what = (f"DD-VAR student (depth {cfg['depth']}, embed_dim {var_cfg['embed_dim']}, {cfg['num_heads']} heads, "
                 f"vocab {cfg['vocab_size']}, patch_nums {tuple(cfg['patch_nums'])})")  # fmt: skip
-        load_strict(student, sd, source=str(path), what=what, assign=True)
+        load_strict(student, sd, source=source, what=what, assign=True)
         return student.eval()
 
     # -- properties -------------------------------------------------------------------------------------------
@@ -753,14 +757,15 @@ def _dd_var_mask(lvl: Tensor) -> Tensor:
     return bias.contiguous()
 
 
-def _read_dd_var_state(path: Path, key: str | None) -> dict[str, Tensor]:
-    """State dict of a DD-VAR file: ``trainer.ema_parameters`` when present (or ``trainer.<key>``), else the usual
-    formats of :func:`~distilled_decoding.checkpoints.extract_state_dict`."""
+def _read_dd_var_state(path: str | os.PathLike, key: str | None, revision: str | None) -> dict[str, Tensor]:
+    """State dict of a DD-VAR file (local or Hub reference): ``trainer.ema_parameters`` when present (or
+    ``trainer.<key>``), else the usual formats of :func:`~distilled_decoding.checkpoints.extract_state_dict`."""
     from collections.abc import Mapping
 
-    from distilled_decoding.checkpoints import _read_file, extract_state_dict
+    from distilled_decoding.checkpoints import extract_state_dict, read_checkpoint
 
-    obj = _read_file(path)
+    obj = read_checkpoint(path, revision=revision)
+    path = os.fspath(path)
     trainer = obj.get("trainer") if isinstance(obj, Mapping) else None
     if isinstance(trainer, Mapping):
         k = key if key is not None else ("ema_parameters" if "ema_parameters" in trainer else None)

@@ -22,20 +22,19 @@ def load_llamagen_teacher(
 
     A folder is read with ``from_pretrained`` (what ``save_pretrained`` wrote, e.g. the embedded default in
     ``checkpoints/digits_llamagen/{gpt,vq}``); a file is an official checkpoint (``c2i_B_256.pt``,
-    ``vq_ds16_c2i.pt``) read with ``from_official``. Returns ``(gpt, vq)`` in eval mode.
+    ``vq_ds16_c2i.pt``, or a Hub reference such as ``FoundationVision/LlamaGen/c2i_B_256.pt``) read with
+    ``from_official``. Returns ``(gpt, vq)`` in eval mode.
     """
     from distilled_decoding.teachers.llamagen import LlamaGen
     from distilled_decoding.tokenizers.vq import VQTokenizer
 
-    gpt, vq = Path(gpt), Path(vq)
     for name, p in (("gpt", gpt), ("vq", vq)):
-        if not p.exists():
-            raise ValueError(f"{name}: {p} does not exist (expected a save_pretrained folder or an official file)")
-    if gpt.is_dir():
+        _check_source(name, p, "a save_pretrained folder, an official file or a Hub reference")
+    if Path(gpt).is_dir():
         model = LlamaGen.from_pretrained(gpt)
     else:
         model = LlamaGen.from_official(gpt, preset=preset, block_size=block_size, **gpt_config)
-    tok = VQTokenizer.from_pretrained(vq) if vq.is_dir() else VQTokenizer.from_official(vq, preset=vq_preset)
+    tok = VQTokenizer.from_pretrained(vq) if Path(vq).is_dir() else VQTokenizer.from_official(vq, preset=vq_preset)
     if tok.codebook_size != model.vocab_size:
         raise ValueError(
             f"vq: codebook of {tok.codebook_size} entries does not match the GPT's vocab_size {model.vocab_size}"
@@ -47,13 +46,12 @@ def load_var_teacher(
     var: str | os.PathLike, vae: str | os.PathLike | None = None, *, depth: int | str | None = None, **overrides: Any
 ):
     """Load a VAR teacher with its multi-scale VQVAE: a ``save_pretrained`` folder (which holds the VAE), or the
-    official ``var_d16.pth`` + ``vae_ch160v4096z32.pth`` files. Returns ``(var, var.vae)`` in eval mode."""
+    official ``var_d16.pth`` + ``vae_ch160v4096z32.pth`` files (local paths or Hub references such as
+    ``FoundationVision/var/var_d16.pth``). Returns ``(var, var.vae)`` in eval mode."""
     from distilled_decoding.teachers.var import VAR
 
-    var = Path(var)
-    if not var.exists():
-        raise ValueError(f"var: {var} does not exist (expected a save_pretrained folder or an official .pth file)")
-    if var.is_dir():
+    _check_source("var", var, "a save_pretrained folder, an official .pth file or a Hub reference")
+    if Path(var).is_dir():
         model = VAR.from_pretrained(var)
     else:
         if vae is None:
@@ -64,6 +62,13 @@ def load_var_teacher(
     if getattr(model, "vae", None) is None:
         raise ValueError(f"var: {var} carries no VAE; pass the VAE file as well")
     return model.eval(), model.vae.eval()
+
+
+def _check_source(name: str, source: str | os.PathLike, expected: str) -> None:
+    from distilled_decoding.hub import is_hub_reference
+
+    if not (Path(source).exists() or is_hub_reference(source)):
+        raise ValueError(f"{name}: {os.fspath(source)} does not exist (expected {expected})")
 
 
 def load_teacher(kind: str, model: str | os.PathLike, tokenizer: str | os.PathLike | None = None, **kwargs: Any):

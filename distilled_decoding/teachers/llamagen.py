@@ -365,22 +365,24 @@ class LlamaGen(ModelMixin, ConfigMixin):
         block_size: int | None = None,
         *,
         key: str | None = None,
+        revision: str | None = None,
         **config: Any,
     ) -> LlamaGen:
-        """Load an official c2i checkpoint (``c2i_B_256.pt``, FSDP ``c2i_XXL_384.pt``, ``.safetensors``, ...).
+        """Load an official c2i checkpoint (``c2i_B_256.pt``, FSDP ``c2i_XXL_384.pt``, ``.safetensors``, ...): a
+        local path or a Hub reference (``"FoundationVision/LlamaGen/c2i_B_256.pt"``; ``revision`` pins it, see
+        :mod:`distilled_decoding.hub`).
 
         ``preset`` names an official size; when omitted it is inferred from the tensor shapes. ``block_size``
         is not stored in the files: by default it is read from the file name (``_384`` → 576, else 256).
         ``key`` picks an entry (e.g. ``"ema"``); by default ``model`` / ``module`` / ``state_dict`` / raw.
         Extra keyword arguments are ModelArgs fields (e.g. ``num_classes``, ``vocab_size``).
         """
-        path = Path(path)
-        sd = load_state_dict_file(path, key=key)
-        cfg = official_config(sd, filename=path.name, preset=preset, block_size=block_size, **config)
+        sd = load_state_dict_file(path, key=key, revision=revision)
+        cfg = official_config(sd, filename=Path(path).name, preset=preset, block_size=block_size, **config)
         with torch.device("meta"):
             model = cls(**cfg)
         what = f"LlamaGen ({_describe_cfg(cfg)})"
-        load_strict(model, sd, source=str(path), what=what, ignore=("freqs_cis",), hint=_preset_hint, assign=True)
+        load_strict(model, sd, source=os.fspath(path), what=what, ignore=("freqs_cis",), hint=_preset_hint, assign=True)
         return model.eval()
 
     # -- properties -----------------------------------------------------------------------------------------

@@ -348,6 +348,7 @@ class VAR(ModelMixin, ConfigMixin):
         depth: int | None = None,
         *,
         key: str | None = None,
+        revision: str | None = None,
         vae_overrides: Mapping[str, Any] | None = None,
         **overrides: Any,
     ) -> VAR:
@@ -359,22 +360,24 @@ class VAR(ModelMixin, ConfigMixin):
         ``attn_l2_norm`` (the l2-normalised attention has ``blocks.{i}.attn.scale_mul_1H11``) and the 256px / 512px
         ``patch_nums`` (from L). ``overrides`` are constructor fields and win over both (e.g. the sizes of a small
         VAR). The VAE is built with the VAR's ``patch_nums``; ``vae_overrides`` are its config fields.
+
+        Both files may be Hub references (``"FoundationVision/var/var_d16.pth"``,
+        ``"FoundationVision/var/vae_ch160v4096z32.pth"``); ``revision`` pins those without ``@<revision>``.
         """
-        var_path = Path(var_path)
-        sd = load_state_dict_file(var_path, key=key)
+        sd = load_state_dict_file(var_path, key=key, revision=revision)
         unknown = sorted(set(overrides) - set(_FIELDS))
         if unknown:
             raise ValueError(f"unknown VAR config field(s) {unknown}; valid: {sorted(_FIELDS)}")
-        cfg = official_var_config(sd, depth=depth, filename=var_path.name, **overrides)
+        cfg = official_var_config(sd, depth=depth, filename=Path(var_path).name, **overrides)
         cfg.pop("vae_config", None)
         with torch.device("meta"):
             model = cls(**cfg)
         what = f"VAR ({_describe(cfg)})"
-        load_strict(model, sd, source=str(var_path), what=what, hint=partial(_hint, cfg), assign=True)
+        load_strict(model, sd, source=os.fspath(var_path), what=what, hint=partial(_hint, cfg), assign=True)
         model.requires_grad_(True)
         if vae_path is not None:
             vae = MultiScaleVQVAE.from_official(
-                vae_path, **{"v_patch_nums": model.patch_nums, **dict(vae_overrides or {})}
+                vae_path, revision=revision, **{"v_patch_nums": model.patch_nums, **dict(vae_overrides or {})}
             )
             try:
                 model.attach_vae(vae)
