@@ -23,6 +23,11 @@ _EXPORTS = {
     # checkpoints
     "CheckpointError": "distilled_decoding.checkpoints",
     "load_state_dict_file": "distilled_decoding.checkpoints",
+    # Hugging Face Hub references and the released students
+    "resolve_file": "distilled_decoding.hub",
+    "HubReferenceError": "distilled_decoding.hub",
+    "load_release": "distilled_decoding.releases",
+    "RELEASES": "distilled_decoding.releases",
     # sampling
     "sample_tokens": "distilled_decoding.sampling",
     "MultinomialChooser": "distilled_decoding.sampling",
@@ -67,6 +72,9 @@ _SUBMODULES = {
     "pipeline",
     "metrics",
     "bench",
+    "hub",
+    "releases",
+    "fid",
 }
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
@@ -93,11 +101,14 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         bench,
         checkpoints,
         conditions,
+        fid,
         flow,
+        hub,
         losses,
         metrics,
         pipeline,
         provenance,
+        releases,
         samplers,
         sampling,
         students,
@@ -108,7 +119,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from distilled_decoding.conditions import ClassCondition
     from distilled_decoding.distill import DistillConfig, train_student
     from distilled_decoding.flow import noise_to_tokens
+    from distilled_decoding.hub import HubReferenceError, resolve_file
     from distilled_decoding.pipeline import DistilledDecodingPipeline
+    from distilled_decoding.releases import RELEASES, load_release
     from distilled_decoding.samplers import OneStepStar, RefinedSampler, SkipN, StudentSampler, TeacherSampler
     from distilled_decoding.sampling import FlowChooser, MultinomialChooser, sample_tokens
     from distilled_decoding.students import student_from_teacher

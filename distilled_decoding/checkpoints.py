@@ -10,6 +10,9 @@ One loader for every official format:
 
 ``argparse.Namespace`` (stored as ``"args"`` by the official LlamaGen trainer) is the only non-tensor
 class allowed through the ``weights_only`` unpickler; anything else is refused, naming the offending global.
+
+Every function taking a ``path`` also takes a Hub reference (``"FoundationVision/LlamaGen/c2i_B_256.pt"``,
+resolved by :func:`distilled_decoding.hub.resolve_file`; ``revision=`` pins it).
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from torch import nn
 
 __all__ = [
     "CheckpointError",
-    "load_state_dict_file",
     "read_checkpoint",
+    "load_state_dict_file",
     "extract_state_dict",
     "load_strict",
 ]
@@ -38,10 +41,7 @@ class CheckpointError(ValueError):
     """A checkpoint file is unreadable or does not fit the model it is loaded into."""
 
 
-def read_checkpoint(path: str | os.PathLike) -> object:
-    """The object stored in a checkpoint file (safetensors, or a pickle read with ``weights_only=True``), or
-    :class:`CheckpointError` naming the file and what is wrong."""
-    path = Path(path)
+def _read_file(path: Path) -> object:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
@@ -118,10 +118,27 @@ def _is_tensor_dict(obj: Mapping) -> bool:
     return bool(vals) and sum(isinstance(v, torch.Tensor) for v in vals) >= max(1, len(vals) // 2)
 
 
-def load_state_dict_file(path: str | os.PathLike, *, key: str | None = None) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file in any official format and return its ``{name: tensor}`` state dict."""
-    path = Path(path)
-    return extract_state_dict(read_checkpoint(path), key=key, source=str(path))
+def read_checkpoint(
+    path: str | os.PathLike, *, revision: str | None = None, local_files_only: bool | None = None
+) -> object:
+    """The object stored in a checkpoint file (a local path or a Hub reference, see :mod:`distilled_decoding.hub`),
+    read with safetensors or ``torch.load(..., weights_only=True)``."""
+    from distilled_decoding.hub import resolve_file
+
+    return _read_file(resolve_file(path, revision=revision, local_files_only=local_files_only))
+
+
+def load_state_dict_file(
+    path: str | os.PathLike,
+    *,
+    key: str | None = None,
+    revision: str | None = None,
+    local_files_only: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file in any official format (a local path or a Hub reference such as
+    ``"FoundationVision/LlamaGen/c2i_B_256.pt"``) and return its ``{name: tensor}`` state dict."""
+    obj = read_checkpoint(path, revision=revision, local_files_only=local_files_only)
+    return extract_state_dict(obj, key=key, source=os.fspath(path))
 
 
 def load_strict(

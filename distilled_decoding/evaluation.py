@@ -67,7 +67,7 @@ def standard_samplers(
 def evaluate_pipeline(
     pipe: Any,
     teacher: Any,
-    reference: Tensor | str | Path,
+    reference: Any,
     *,
     num_images: int = 1000,
     batch_size: int = 250,
@@ -81,13 +81,16 @@ def evaluate_pipeline(
 ) -> dict[str, Any]:
     """Generate ``num_images`` images per sampler from the same noise and classes and measure them.
 
-    reference: real images, uint8 (M, 3, H, W), or a folder of real images (no class accuracy then).
+    reference: real images, uint8 (M, 3, H, W), or a folder of real images (no class accuracy then), or FID
+        statistics (:func:`distilled_decoding.fid.statistics_reference`: a file or Hub reference such as
+        ``IMAGENET256_FID_STATISTICS``; FID and IS only, no precision / recall).
     probs: per-class marginals (C, N, V) for the baselines (None: no baselines).
     Returns ``{"rows": {name: metrics}, "images": {name: uint8 (B, 3, H, W)}, "labels", "settings"}``.
     """
     from tqdm.auto import tqdm
 
     from distilled_decoding.digits import to_uint8
+    from distilled_decoding.fid import statistics_reference
     from distilled_decoding.metrics import class_accuracy, compute_metrics
 
     student = pipe.student
@@ -99,7 +102,10 @@ def evaluate_pipeline(
 
     rows: dict[str, dict[str, Any]] = {}
     images: dict[str, Tensor] = {}
-    digits = not isinstance(reference, (str, Path))  # class accuracy needs the digits classifier's classes
+    digits = isinstance(reference, Tensor)  # class accuracy needs the digits classifier's classes
+    stats = statistics_reference(reference)  # read once, not per sampler
+    described = stats.source if stats is not None else str(reference)
+    reference = stats if stats is not None else reference
     for sampler in tqdm(samplers, desc="evaluating", unit="sampler", disable=not progress):
         name, chunks, seconds = sampler.name, [], 0.0
         for s in range(0, num_images, batch_size):
@@ -109,9 +115,9 @@ def evaluate_pipeline(
             seconds += dt
         imgs = torch.cat(chunks)
         images[name] = imgs
-        m = compute_metrics(imgs, reference, feature_extractor=feature_extractor)
+        m = compute_metrics(imgs, reference, feature_extractor=feature_extractor, prc=stats is None)
         rows[name] = {
-            "fid": m["fid"], "is": m["is"], "precision": m["precision"], "recall": m["recall"],
+            "fid": m["fid"], "is": m["is"], "precision": m.get("precision"), "recall": m.get("recall"),
             "class_acc": class_accuracy(imgs, labels, classifier) if digits else None, "steps": sampler.steps,
             "images_per_s": num_images / seconds,
         }  # fmt: skip
@@ -121,7 +127,7 @@ def evaluate_pipeline(
     settings = {"num_images": num_images, "batch_size": batch_size, "seed": seed,
                 "refine": list(refine) if refine else None,
                 "skip": list(skip), "feature_extractor": feature_extractor,
-                "reference": str(reference) if not digits else f"digits ({len(reference)} images)"}  # fmt: skip
+                "reference": described if not digits else f"digits ({len(reference)} images)"}  # fmt: skip
     return {"rows": rows, "images": images, "labels": labels, "settings": settings}
 
 
@@ -170,7 +176,7 @@ def evaluate_job(cfg: Any, teacher: Any, vq: Any) -> dict[str, Any]:
         size = pipe.decode(pipe.student.codebook[torch.zeros(1, n_tok, dtype=torch.long)]).shape[-1]
         reference: Any = load_digits_images(size=size)[0]
     else:
-        reference = Path(ec.reference)
+        reference = ec.reference  # a folder of images, or FID statistics (file or Hub reference)
     result = evaluate_pipeline(pipe, teacher, reference, num_images=ec.num_images, batch_size=ec.batch_size,
                                seed=ec.seed, refine=tuple(ec.refine) if ec.refine else None, skip=skip, probs=probs,
                                feature_extractor=ec.feature_extractor)  # fmt: skip

@@ -10,13 +10,13 @@ Two feature extractors:
   bias as in torch-fidelity's Inception, is also provided). Numbers are only comparable with numbers from the
   same extractor: this is the metric of the embedded digits default, not ImageNet FID.
 * ``"inception"`` (alias ``"inception-v3-compat"``): torch-fidelity's TF-compatible Inception-V3 (2048-d pool
-  features, the standard FID / IS). **Never downloaded here.** Its weights file
-  ``weights-inception-2015-12-05-6726825d.pth`` (~95 MB, release asset v0.2.0 of GitHub ``toshas/torch-fidelity``)
-  must already be at ``torch.hub.get_dir()/checkpoints/`` (i.e. ``$TORCH_HOME/hub/checkpoints/``,
-  ``TORCH_HOME`` defaulting to ``~/.cache/torch``) or be passed as ``inception_weights=``; otherwise
-  :class:`WeightsNotFoundError` says where to put it before torch-fidelity is called. The file is checked with
+  features, the standard FID / IS). Its weights file ``weights-inception-2015-12-05-6726825d.pth`` (~95 MB) is
+  looked for at ``$TORCH_HOME/hub/checkpoints/`` (or passed as ``inception_weights=``) and downloaded there when
+  absent, unless ``HF_HUB_OFFLINE=1``: then :class:`WeightsNotFoundError` says where to put it, before
+  torch-fidelity is called (:func:`distilled_decoding.fid.inception_weights_path`). The file is checked with
   ``torch.load(..., weights_only=True)`` before torch-fidelity loads it. On a 2-core CPU Inception runs at
-  ≈ 5 images/s: use a GPU for it.
+  ≈ 5 images/s: use a GPU for it. ImageNet FID can also be computed against the DD release's precomputed
+  statistics (:mod:`distilled_decoding.fid`).
 
 Inputs are image tensors ``(N, 3, H, W)``: ``uint8`` in [0, 255], or floating point in [0, 1] (the pipeline's
 output; rounded to uint8 as torch-fidelity expects). One-channel images are repeated to three.
@@ -38,6 +38,16 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from distilled_decoding.fid import (
+    INCEPTION_WEIGHTS_FILENAME,
+    FIDStatistics,
+    WeightsNotFoundError,
+    check_inception_weights,
+    fid_against_statistics,
+    inception_weights_path,
+    statistics_reference,
+)
+
 __all__ = [
     "DigitsClassifier",
     "DigitsFeatureExtractor",  # noqa: F822 - defined lazily by __getattr__
@@ -53,13 +63,8 @@ __all__ = [
 ]
 
 FEATURE_EXTRACTOR_NAME = "digits-cnn"
-INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 _INCEPTION_NAMES = ("inception", "inception-v3-compat")
 _CLASSIFIER_SUBDIR = "digits_classifier"
-
-
-class WeightsNotFoundError(ValueError):
-    """A feature network's weights are not on disk (and are never downloaded)."""
 
 
 # --------------------------------------------------------------------------------------------- classifier
@@ -254,37 +259,6 @@ def register_digits_feature_extractor() -> None:
     register_feature_extractor(FEATURE_EXTRACTOR_NAME, cls)
 
 
-def inception_weights_path(path: str | os.PathLike | None = None) -> Path:
-    """Locate torch-fidelity's Inception-V3 weights on disk without downloading anything.
-
-    ``path`` if given, else ``torch.hub.get_dir()/checkpoints/weights-inception-2015-12-05-6726825d.pth``.
-    Raises :class:`WeightsNotFoundError` naming the expected location when the file is absent.
-    """
-    if path is not None:
-        p = Path(path)
-        where = f"the file passed as inception_weights={str(path)!r}"
-    else:
-        p = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILENAME
-        where = f"{p} (torch.hub.get_dir()/checkpoints; set TORCH_HOME to move it)"
-    if not p.is_file():
-        raise WeightsNotFoundError(
-            f"Inception-V3 weights not found: expected {where}. They are never downloaded here: copy "
-            f"{INCEPTION_WEIGHTS_FILENAME} (from https://github.com/toshas/torch-fidelity/releases/tag/v0.2.0) "
-            "to that location or pass inception_weights=<file>, or use feature_extractor='digits-cnn'."
-        )
-    return p
-
-
-def _check_inception_file(p: Path) -> None:
-    # torch-fidelity reads the file with weights_only=False; refuse anything a weights_only load rejects.
-    from distilled_decoding.checkpoints import load_state_dict_file
-
-    sd = load_state_dict_file(p)
-    missing = [k for k in ("Conv2d_1a_3x3.conv.weight", "fc.weight") if k not in sd]
-    if missing:
-        raise WeightsNotFoundError(f"{p} is not torch-fidelity's Inception-V3 state dict (missing {missing})")
-
-
 class _ImageDataset(torch.utils.data.Dataset):
     """The Dataset torch-fidelity expects: item ``i`` is a bare uint8 tensor ``(3, H, W)``."""
 
@@ -332,7 +306,7 @@ def _as_uint8_images(x: object, name: str) -> torch.Tensor:
 
 def compute_metrics(
     generated: torch.Tensor,
-    reference: torch.Tensor | str | os.PathLike | None,
+    reference: torch.Tensor | str | os.PathLike | FIDStatistics | None,
     *,
     feature_extractor: str = FEATURE_EXTRACTOR_NAME,
     fid: bool = True,
@@ -354,10 +328,13 @@ def compute_metrics(
     Args:
         generated: ``(N, 3, H, W)`` uint8, or float in [0, 1]. IS is computed on these alone.
         reference: ``(M, 3, H', W')`` real images, same conventions, or a folder of PNG/JPEG images (read by
-            torch-fidelity, e.g. ImageNet validation images at the generated resolution); may be ``None`` when
-            only ``isc``.
+            torch-fidelity, e.g. ImageNet validation images at the generated resolution), or precomputed FID
+            statistics: :class:`~distilled_decoding.fid.FIDStatistics`, or any other path / Hub
+            reference, read by :func:`~distilled_decoding.fid.load_fid_statistics` (e.g. the DD
+            release's ImageNet-256 ``IMAGENET256_FID_STATISTICS`` with ``feature_extractor="inception"``; FID and
+            IS only). May be ``None`` when only ``isc``.
         feature_extractor: ``"digits-cnn"`` (offline, default), ``"inception"`` / ``"inception-v3-compat"``
-            (weights must be on disk, see the module docstring), or the name of an extractor you registered
+            (weights on disk or downloaded, see the module docstring), or the name of an extractor you registered
             with torch-fidelity yourself (torch-fidelity's other built-ins are refused: they download).
         fid, isc, prc, kid: which metrics.
         batch_size: images per forward pass.
@@ -379,13 +356,16 @@ def compute_metrics(
     if not (fid or isc or prc or kid):
         raise ValueError("at least one of fid, isc, prc, kid must be True")
     gen = _as_uint8_images(generated, "generated")
-    binary = fid or prc or kid
-    ref_dir = None
-    if isinstance(reference, (str, os.PathLike)):
-        ref_dir = Path(reference)
-        if not ref_dir.is_dir():
-            raise ValueError(f"reference: {ref_dir} is not a folder of images")
+    stats = statistics_reference(reference)
+    ref_dir = Path(reference) if stats is None and isinstance(reference, (str, os.PathLike)) else None
+    if stats is not None or ref_dir is not None:
         reference = None
+    if stats is not None and (prc or kid):
+        raise ValueError(
+            f"reference: FID statistics ({stats.source}) give FID (and IS) only; pass prc=False, kid=False, or real "
+            "images as the reference"
+        )
+    binary = (fid or prc or kid) and stats is None
     ref = _as_uint8_images(reference, "reference") if (binary and ref_dir is None) or reference is not None else None
     for name, x in (("generated", gen), ("reference", ref)):
         if x is None:
@@ -406,7 +386,7 @@ def compute_metrics(
         extra["digits_classifier"] = _resolve_classifier(classifier)
     elif feature_extractor in _INCEPTION_NAMES:
         weights = inception_weights_path(inception_weights)
-        _check_inception_file(weights)
+        check_inception_weights(weights)
         feature_extractor = "inception-v3-compat"
         extra["feature_extractor_weights_path"] = str(weights)
     else:
@@ -416,6 +396,10 @@ def compute_metrics(
                 f"feature_extractor must be 'digits-cnn', 'inception' or a name you registered with "
                 f"torch-fidelity, got {feature_extractor!r}"
             )
+    if stats is not None and fid:
+        return fid_against_statistics(_ImageDataset(gen), stats, feature_extractor=feature_extractor, isc=isc,
+                                      batch_size=batch_size, cuda=cuda, verbose=verbose, isc_splits=isc_splits,
+                                      rng_seed=rng_seed, **extra)  # fmt: skip
     kw: dict[str, object] = {}
     if kid:
         n_ref = ref.shape[0] if ref is not None else 1000

@@ -199,6 +199,14 @@ class DistilledDecodingPipeline(DiffusionPipeline):
 
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
+    @classmethod
+    def from_release(cls, release: Any, **kwargs: Any) -> Any:
+        """A released DD student (``"LlamaGen-DD-L"``, ``"VAR-DD-d16"``, ...) as a pipeline; see
+        :func:`distilled_decoding.releases.load_release` (``teacher=True`` returns ``(pipeline, teacher)``)."""
+        from distilled_decoding.releases import load_release
+
+        return load_release(release, **kwargs)
+
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """Write the pipeline (safetensors only) and a model card ``README.md``; the folder is built next to the
         target and renamed into place, so an interrupted save leaves no half-written pipeline."""

@@ -50,6 +50,8 @@ class TeacherConfig:
     a folder), ``preset`` = GPT-B/GPT-L/... (inferred when None). ``kind="var"``: ``model`` = ``var_d16.pth`` (or a
     folder holding the VAE too), ``tokenizer`` = ``vae_ch160v4096z32.pth``, ``preset`` = the depth (16 or "d16").
     Without ``model`` the family's embedded default in ``checkpoints/`` is used.
+    Files may be Hub references, e.g. ``model=FoundationVision/LlamaGen/c2i_B_256.pt``
+    (see :mod:`distilled_decoding.hub`).
     """
 
     kind: str = "llamagen"
@@ -110,7 +112,9 @@ class EvalConfig:
     num_images: int = 1000
     batch_size: int = 250
     seed: int = 1234
-    reference: str = "digits"  # real images to compare with: the bundled digits, or a folder of images
+    # what to compare with: the bundled digits, a folder of real images, or FID statistics (a file or Hub reference,
+    # e.g. microsoft/distilled_decoding/ImageNet-256_FID_Statistic/statistic.pth with feature_extractor=inception)
+    reference: str = "digits"
     feature_extractor: str = "digits-cnn"
     refine: tuple[int, int] | None = None  # teacher_tokens (T, t2); None: (t2 - t2 // 4, t2)
     skip: tuple[int, ...] | None = None  # skip-n baselines; None: (N // 8, N // 4)
@@ -258,8 +262,8 @@ def pipeline_info(cfg: RecipeConfig, ds: Any) -> dict[str, Any]:
     """Provenance stored in the pipeline (and its model card): teacher identity, sampling distilled, data."""
     s = ds.settings
     model = Path(cfg.teacher.model)
-    # a file's stem (c2i_B_256); a folder's name, or its parent's for a component folder (digits_llamagen/gpt)
-    name = model.stem if model.is_file() else model.parent.name if model.name in ("gpt", "model") else model.name
+    # a file's stem (c2i_B_256, also for a Hub reference); a folder's name, or its parent's for a component folder
+    name = model.stem if not model.is_dir() else model.parent.name if model.name in ("gpt", "model") else model.name
     return {
         "name": name,
         "teacher": ds.teacher,

@@ -259,18 +259,52 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setattr(socket, "create_connection", no_socket)
     monkeypatch.setattr(socket.socket, "connect", no_socket)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
     return calls
 
 
 def test_inception_without_weights_raises_offline(offline, val, tmp_path):
     expected = tmp_path / "torch_home" / "hub" / "checkpoints" / M.INCEPTION_WEIGHTS_FILENAME
-    with pytest.raises(M.WeightsNotFoundError, match="never downloaded") as e:
+    with pytest.raises(M.WeightsNotFoundError, match="Downloads are off") as e:
         M.compute_metrics(val[0], val[0], feature_extractor="inception")
     assert str(expected) in str(e.value)
     with pytest.raises(M.WeightsNotFoundError, match="inception_weights="):
         M.compute_metrics(val[0], val[0], feature_extractor="inception-v3-compat", inception_weights=tmp_path / "x")
     assert offline == []
+
+
+def test_inception_weights_are_downloaded_online_into_the_torch_hub_dir(monkeypatch, tmp_path):
+    """Online (HF_HUB_OFFLINE unset) the missing file is fetched from torch-fidelity's URL to torch-fidelity's own
+    location; a failed download names the file, the location and the URL."""
+    import huggingface_hub.constants
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    expected = tmp_path / "torch_home" / "hub" / "checkpoints" / M.INCEPTION_WEIGHTS_FILENAME
+    seen = []
+
+    def fake_download(url, dst, progress=True):
+        seen.append((url, dst))
+        torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(2), "fc.weight": torch.zeros(2)}, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    assert M.inception_weights_path() == expected and seen == [(URL_INCEPTION_V3, str(expected))]
+    assert M.inception_weights_path() == expected and len(seen) == 1  # found: not downloaded again
+    expected.unlink()
+
+    def failing_download(url, dst, progress=True):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", failing_download)
+    with pytest.raises(M.WeightsNotFoundError, match="download from .* failed") as e:
+        M.inception_weights_path()
+    assert str(expected) in str(e.value) and M.INCEPTION_WEIGHTS_FILENAME in str(e.value)
+    with pytest.raises(M.WeightsNotFoundError, match="Downloads are off"):  # explicit opt-out
+        M.inception_weights_path(download=False)
 
 
 def test_inception_weights_are_checked_and_passed_on(offline, monkeypatch, val, tmp_path):

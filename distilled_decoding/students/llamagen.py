@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -168,20 +167,23 @@ class DDStudent(FewStepStudent, ModelMixin, ConfigMixin):
         timesteps: Sequence[int] = (0, 80),
         *,
         key: str | None = "ema",
+        revision: str | None = None,
         **config: Any,
     ) -> DDStudent:
-        """Load a released DD LlamaGen checkpoint (``LlamaGen-DD/llamagen-B.pt``: ``{"ema": state_dict}``).
-        ``codebook`` is the tokenizer's (l2-normalised) codebook; ``split`` 80 (B) or 130 (L) as in the release."""
+        """Load a released DD LlamaGen checkpoint (``LlamaGen-DD/llamagen-B.pt``: ``{"ema": state_dict}``), a local
+        path or a Hub reference (``"microsoft/distilled_decoding/LlamaGen-DD/llamagen-B.pt"``; ``revision`` pins it).
+        ``codebook`` is the tokenizer's (l2-normalised) codebook; ``split`` 80 (B) or 130 (L) as in the release
+        (:func:`distilled_decoding.releases.load_release` fills these in)."""
         if teacher_preset not in LLAMAGEN_PRESETS:
             raise ValueError(f"teacher_preset={teacher_preset!r}: expected one of {sorted(LLAMAGEN_PRESETS)}")
-        sd = load_state_dict_file(path, key=key)
+        sd = load_state_dict_file(path, key=key, revision=revision)
         emb = sd.get("tok_embeddings.weight")
         cfg = {**LLAMAGEN_PRESETS[teacher_preset], "codebook_dim": int(emb.shape[1]) if emb is not None else 8,
                "split": split, "timesteps": tuple(timesteps), **config}  # fmt: skip
         with torch.device("meta"):
             student = cls(**cfg)
         sd = {**sd, "codebook": codebook.float()}
-        load_strict(student, sd, source=str(Path(path)), what=f"DD LlamaGen student ({teacher_preset})",
+        load_strict(student, sd, source=os.fspath(path), what=f"DD LlamaGen student ({teacher_preset})",
                     ignore=("freqs_cis",), assign=True)  # fmt: skip
         return student.eval()
 

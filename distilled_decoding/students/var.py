@@ -262,6 +262,7 @@ class DDVARStudent(FewStepStudent, ModelMixin, ConfigMixin):
         timesteps: Sequence[int] | None = None,
         *,
         key: str | None = None,
+        revision: str | None = None,
         **config: Any,
     ) -> DDVARStudent:
         """Load a released DD-VAR checkpoint (``VAR-DD/var-d16.pth``: ``{"trainer": {"ema_parameters": sd,
@@ -273,10 +274,11 @@ class DDVARStudent(FewStepStudent, ModelMixin, ConfigMixin):
         the 256px/512px ``patch_nums`` (from L − 1) are read from the tensors; ``config`` fields win (e.g. the sizes
         of a small model, ``patch_nums``). Defaults: ``timesteps`` the family's released schedule, ``split`` = the
         last timestep (official ``loss_split_t`` 5 for d16, 4 for d20/d24). Buffers the file lacks (an EMA dict of
-        parameters only) are computed.
+        parameters only) are computed. ``path`` may be a Hub reference
+        (``"microsoft/distilled_decoding/VAR-DD/var-d16.pth"``; ``revision`` pins it).
         """
-        path = Path(path)
-        sd = _read_dd_var_state(path, key)
+        sd = _read_dd_var_state(path, key, revision)
+        source, name = os.fspath(path), Path(path).name
         cb = codebook.codebook if hasattr(codebook, "codebook") and not isinstance(codebook, Tensor) else codebook
         if not isinstance(cb, Tensor) or cb.ndim != 2:
             got = type(codebook).__name__
@@ -286,10 +288,10 @@ class DDVARStudent(FewStepStudent, ModelMixin, ConfigMixin):
             raise ValueError(f"unknown DDVARStudent config field(s) {unknown}; valid: {sorted(SHARED_FIELDS)}")
         pos = sd.get("pos_1LC")
         if pos is None or pos.ndim != 3 or "head.weight" not in sd:
-            raise CheckpointError(f"{path}: not a DD-VAR state dict (no pos_1LC / head.weight)")
+            raise CheckpointError(f"{source}: not a DD-VAR state dict (no pos_1LC / head.weight)")
         view = {**sd, "pos_1LC": torch.empty(1, pos.shape[1] - 1, pos.shape[2], device="meta")}
         over = {k: v for k, v in config.items() if k in config_fields(VARConfig)}
-        var_cfg = official_var_config(view, depth=depth, filename=path.name, **over)
+        var_cfg = official_var_config(view, depth=depth, filename=name, **over)
         cfg = {k: var_cfg[k] for k in SHARED_FIELDS}
         cfg["codebook_dim"] = int(config.get("codebook_dim", var_cfg["Cvae"]))
         cfg["layerwise_n_d"] = bool(config.get("layerwise_n_d", "layerwise_n_d_embed.0.weight" in sd))
@@ -298,8 +300,7 @@ class DDVARStudent(FewStepStudent, ModelMixin, ConfigMixin):
                                                           timesteps, split)  # fmt: skip
         if tuple(cb.shape) != (cfg["vocab_size"], cfg["codebook_dim"]):
             raise ValueError(
-                f"codebook: expected ({cfg['vocab_size']}, {cfg['codebook_dim']}) for {path.name}, "
-                f"got {tuple(cb.shape)}"
+                f"codebook: expected ({cfg['vocab_size']}, {cfg['codebook_dim']}) for {name}, got {tuple(cb.shape)}"
             )
         with torch.device("meta"):
             student = cls(**cfg)
@@ -312,7 +313,7 @@ class DDVARStudent(FewStepStudent, ModelMixin, ConfigMixin):
         sd = {**derived, **sd, "codebook": cb.detach().float().cpu()}
         what = (f"DD-VAR student (depth {cfg['depth']}, embed_dim {var_cfg['embed_dim']}, {cfg['num_heads']} heads, "
                 f"vocab {cfg['vocab_size']}, patch_nums {tuple(cfg['patch_nums'])})")  # fmt: skip
-        load_strict(student, sd, source=str(path), what=what, assign=True)
+        load_strict(student, sd, source=source, what=what, assign=True)
         return student.eval()
 
     # -- properties -------------------------------------------------------------------------------------------
@@ -357,10 +358,11 @@ def attention_bias(starts: Sequence[int]) -> Tensor:
     return torch.zeros(mask.shape).masked_fill_(~mask, -torch.inf)[None, None].contiguous()
 
 
-def _read_dd_var_state(path: Path, key: str | None) -> dict[str, Tensor]:
-    """State dict of a DD-VAR file: ``trainer.ema_parameters`` when present (or ``trainer.<key>``), else the usual
-    formats of :func:`~distilled_decoding.checkpoints.extract_state_dict`."""
-    obj = read_checkpoint(path)
+def _read_dd_var_state(path: str | os.PathLike, key: str | None, revision: str | None) -> dict[str, Tensor]:
+    """State dict of a DD-VAR file (local or Hub reference): ``trainer.ema_parameters`` when present (or
+    ``trainer.<key>``), else the usual formats of :func:`~distilled_decoding.checkpoints.extract_state_dict`."""
+    obj = read_checkpoint(path, revision=revision)
+    path = os.fspath(path)
     trainer = obj.get("trainer") if isinstance(obj, Mapping) else None
     if isinstance(trainer, Mapping):
         k = key if key is not None else ("ema_parameters" if "ema_parameters" in trainer else None)

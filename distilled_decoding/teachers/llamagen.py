@@ -105,28 +105,31 @@ class LlamaGen(ModelMixin, ConfigMixin):
         block_size: int | None = None,
         *,
         key: str | None = None,
+        revision: str | None = None,
         **config: Any,
     ) -> LlamaGen:
-        """Load an official c2i checkpoint (``c2i_B_256.pt``, FSDP ``c2i_XXL_384.pt``, ``.safetensors``, ...).
+        """Load an official c2i checkpoint (``c2i_B_256.pt``, FSDP ``c2i_XXL_384.pt``, ``.safetensors``, ...): a
+        local path or a Hub reference (``"FoundationVision/LlamaGen/c2i_B_256.pt"``; ``revision`` pins it, see
+        :mod:`distilled_decoding.hub`).
 
         ``preset`` names an official size; when omitted it is inferred from the tensor shapes. ``block_size``
         is not stored in the files: by default it is read from the file name (``_384`` → 576, else 256).
         ``key`` picks an entry (e.g. ``"ema"``); by default ``model`` / ``module`` / ``state_dict`` / raw.
         Extra keyword arguments are ModelArgs fields (e.g. ``num_classes``, ``vocab_size``).
         """
-        path = Path(path)
-        sd = load_state_dict_file(path, key=key)
+        sd = load_state_dict_file(path, key=key, revision=revision)
         if PAR_TRANSITION_KEY in sd:
             k = sd[PAR_TRANSITION_KEY].shape[0] + 1
             raise CheckpointError(
-                f"{path}: this is a PAR checkpoint (it has {PAR_TRANSITION_KEY!r}, {k - 1} transition tokens: "
-                f"ar_token_num={k}); use PAR.from_official"
+                f"{os.fspath(path)}: this is a PAR checkpoint (it has {PAR_TRANSITION_KEY!r}, {k - 1} transition "
+                f"tokens: ar_token_num={k}); use PAR.from_official"
             )
-        cfg = official_config(sd, filename=path.name, preset=preset, block_size=block_size, **config)
+        cfg = official_config(sd, filename=Path(path).name, preset=preset, block_size=block_size, **config)
         with torch.device("meta"):
             model = cls(**cfg)
         what = f"LlamaGen ({describe_config(cfg)})"
-        load_strict(model, sd, source=str(path), what=what, ignore=("freqs_cis",), hint=preset_hint, assign=True)
+        load_strict(model, sd, source=os.fspath(path), what=what, ignore=("freqs_cis",), hint=preset_hint,
+                    assign=True)  # fmt: skip
         return model.eval()
 
     # -- properties -----------------------------------------------------------------------------------------
@@ -255,24 +258,25 @@ def load_llamagen(
     *,
     preset: str | None = None,
     block_size: int | None = None,
+    **config: Any,
 ) -> tuple[LlamaGen, Any]:
     """``(gpt, vq)`` in eval mode for the ``llamagen`` family: a folder is read with ``from_pretrained`` (what
     ``save_pretrained`` wrote, e.g. the embedded default ``checkpoints/digits_llamagen/{gpt,vq}``), a file as an
-    official checkpoint (``c2i_B_256.pt``, ``vq_ds16_c2i.pt``) with ``from_official``."""
+    official checkpoint (``c2i_B_256.pt``, ``vq_ds16_c2i.pt``, or a Hub reference such as
+    ``FoundationVision/LlamaGen/c2i_B_256.pt``) with ``from_official`` (``config``: ModelArgs fields for it)."""
+    from distilled_decoding.hub import check_source
     from distilled_decoding.tokenizers.vq import VQTokenizer
 
     if tokenizer is None:
         raise ValueError("tokenizer: a LlamaGen teacher needs its VQ tokenizer (folder or vq_ds16_c2i.pt)")
-    gpt_path, vq_path = Path(model), Path(tokenizer)
-    for name, p in (("model", gpt_path), ("tokenizer", vq_path)):
-        if not p.exists():
-            raise ValueError(f"{name}: {p} does not exist (expected a save_pretrained folder or an official file)")
+    for name, p in (("model", model), ("tokenizer", tokenizer)):
+        check_source(name, p, "a save_pretrained folder, an official file or a Hub reference")
     gpt = (
-        LlamaGen.from_pretrained(gpt_path)
-        if gpt_path.is_dir()
-        else LlamaGen.from_official(gpt_path, preset=preset, block_size=block_size)
+        LlamaGen.from_pretrained(model)
+        if Path(model).is_dir()
+        else LlamaGen.from_official(model, preset=preset, block_size=block_size, **config)
     )
-    vq = VQTokenizer.from_pretrained(vq_path) if vq_path.is_dir() else VQTokenizer.from_official(vq_path)
+    vq = VQTokenizer.from_pretrained(tokenizer) if Path(tokenizer).is_dir() else VQTokenizer.from_official(tokenizer)
     if vq.codebook_size != gpt.vocab_size:
         raise ValueError(
             f"tokenizer: codebook of {vq.codebook_size} entries does not match the GPT's vocab_size {gpt.vocab_size}"

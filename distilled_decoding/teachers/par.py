@@ -154,20 +154,22 @@ class PAR(ModelMixin, ConfigMixin):
         block_size: int | None = None,
         *,
         key: str | None = None,
+        revision: str | None = None,
         **config: Any,
     ) -> PAR:
-        """Load an official PAR checkpoint (``PAR-XXL-4x.pt``, ``.safetensors``, DDP/FSDP dicts).
+        """Load an official PAR checkpoint (``PAR-XXL-4x.pt``, ``.safetensors``, DDP/FSDP dicts): a local path or a Hub
+        reference (``"Epiphqny/PAR/PAR-XXL-4x.pt"``; ``revision`` pins it, see :mod:`distilled_decoding.hub`).
 
         ``preset`` is a PAR preset (``"PAR-3B-16x"``) or a LlamaGen size (``"GPT-XL"``); when omitted the size is
         inferred from the shapes and ``ar_token_num`` from the transition table (k−1 rows). ``block_size``
         defaults to the file name's ``_256``/``_384``/``_512`` and otherwise to 576 (the 384 px releases, 24×24).
         Extra keyword arguments are ModelArgs fields (``ar_token_num``, ``num_classes``, ...).
         """
-        path = Path(path)
-        sd = load_state_dict_file(path, key=key)
+        sd = load_state_dict_file(path, key=key, revision=revision)
+        source, path = os.fspath(path), Path(path)
         if TRANSITION_KEY not in sd and "tok_embeddings.weight" in sd:
             raise CheckpointError(
-                f"{path}: this is a LlamaGen checkpoint, not PAR (it has no {TRANSITION_KEY!r} transition-token "
+                f"{source}: this is a LlamaGen checkpoint, not PAR (it has no {TRANSITION_KEY!r} transition-token "
                 "table); use LlamaGen.from_official, or PAR.from_llamagen to convert a loaded LlamaGen"
             )
         size, k, spe = None, config.pop("ar_token_num", None), config.pop("spe_token_num", None)
@@ -193,7 +195,7 @@ class PAR(ModelMixin, ConfigMixin):
             f"PAR ({a.n_layer} layers, dim {a.dim}, ar_token_num {a.ar_token_num}, vocab {a.vocab_size}, "
             f"{a.num_classes} classes, block_size {a.block_size})"
         )
-        load_strict(model, sd, source=str(path), what=what, ignore=("freqs_cis",), hint=_hint, assign=True)
+        load_strict(model, sd, source=source, what=what, ignore=("freqs_cis",), hint=_hint, assign=True)
         return model.eval()
 
     @classmethod
@@ -414,24 +416,24 @@ def load_par(
     *,
     preset: str | None = None,
     block_size: int | None = None,
+    **config: Any,
 ) -> tuple[PAR, Any]:
     """``(par, vq)`` in eval mode for the ``par`` family: a folder is read with ``from_pretrained``, a file as an
     official checkpoint (``PAR-XXL-4x.pt``) with ``from_official``; the tokenizer is LlamaGen's VQ (a folder or
     ``vq_ds16_c2i.pt``)."""
+    from distilled_decoding.hub import check_source
     from distilled_decoding.tokenizers.vq import VQTokenizer
 
     if tokenizer is None:
         raise ValueError("tokenizer: a PAR teacher needs its VQ tokenizer (folder or vq_ds16_c2i.pt)")
-    par_path, vq_path = Path(model), Path(tokenizer)
-    for name, p in (("model", par_path), ("tokenizer", vq_path)):
-        if not p.exists():
-            raise ValueError(f"{name}: {p} does not exist (expected a save_pretrained folder or an official file)")
+    for name, p in (("model", model), ("tokenizer", tokenizer)):
+        check_source(name, p, "a save_pretrained folder, an official file or a Hub reference")
     par = (
-        PAR.from_pretrained(par_path)
-        if par_path.is_dir()
-        else PAR.from_official(par_path, preset=preset, block_size=block_size)
+        PAR.from_pretrained(model)
+        if Path(model).is_dir()
+        else PAR.from_official(model, preset=preset, block_size=block_size, **config)
     )
-    vq = VQTokenizer.from_pretrained(vq_path) if vq_path.is_dir() else VQTokenizer.from_official(vq_path)
+    vq = VQTokenizer.from_pretrained(tokenizer) if Path(tokenizer).is_dir() else VQTokenizer.from_official(tokenizer)
     if vq.codebook_size != par.vocab_size:
         raise ValueError(
             f"tokenizer: codebook of {vq.codebook_size} entries does not match the PAR's vocab_size {par.vocab_size}"

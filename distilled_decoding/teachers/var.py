@@ -183,6 +183,7 @@ class VAR(ModelMixin, ConfigMixin):
         depth: int | None = None,
         *,
         key: str | None = None,
+        revision: str | None = None,
         vae_overrides: Mapping[str, Any] | None = None,
         **overrides: Any,
     ) -> VAR:
@@ -194,22 +195,24 @@ class VAR(ModelMixin, ConfigMixin):
         ``attn_l2_norm`` (the l2-normalised attention has ``blocks.{i}.attn.scale_mul_1H11``) and the 256px / 512px
         ``patch_nums`` (from L). ``overrides`` are constructor fields and win over both (e.g. the sizes of a small
         VAR). The VAE is built with the VAR's ``patch_nums``; ``vae_overrides`` are its config fields.
+
+        Both files may be Hub references (``"FoundationVision/var/var_d16.pth"``,
+        ``"FoundationVision/var/vae_ch160v4096z32.pth"``); ``revision`` pins those without ``@<revision>``.
         """
-        var_path = Path(var_path)
-        sd = load_state_dict_file(var_path, key=key)
+        sd = load_state_dict_file(var_path, key=key, revision=revision)
         unknown = sorted(set(overrides) - set(config_fields(VARConfig)))
         if unknown:
             raise ValueError(f"unknown VAR config field(s) {unknown}; valid: {sorted(config_fields(VARConfig))}")
-        cfg = official_var_config(sd, depth=depth, filename=var_path.name, **overrides)
+        cfg = official_var_config(sd, depth=depth, filename=Path(var_path).name, **overrides)
         cfg.pop("vae_config", None)
         with torch.device("meta"):
             model = cls(**cfg)
         what = f"VAR ({describe_config(cfg)})"
-        load_strict(model, sd, source=str(var_path), what=what, hint=partial(config_hint, cfg), assign=True)
+        load_strict(model, sd, source=os.fspath(var_path), what=what, hint=partial(config_hint, cfg), assign=True)
         model.requires_grad_(True)
         if vae_path is not None:
             vae = MultiScaleVQVAE.from_official(
-                vae_path, **{"v_patch_nums": model.patch_nums, **dict(vae_overrides or {})}
+                vae_path, revision=revision, **{"v_patch_nums": model.patch_nums, **dict(vae_overrides or {})}
             )
             try:
                 model.attach_vae(vae)
@@ -455,21 +458,23 @@ def load_var(
     *,
     preset: int | str | None = None,
     block_size: int | None = None,
+    **overrides: Any,
 ) -> tuple[VAR, MultiScaleVQVAE]:
     """``(var, var.vae)`` in eval mode for the ``var`` family: a ``save_pretrained`` folder (which holds the VAE),
-    or the official ``var_d16.pth`` + ``vae_ch160v4096z32.pth`` files. ``preset``: the depth (16 or ``"d16"``)."""
+    or the official ``var_d16.pth`` + ``vae_ch160v4096z32.pth`` files (local or Hub references such as
+    ``FoundationVision/var/var_d16.pth``). ``preset``: the depth (16 or ``"d16"``)."""
     if block_size is not None:
         raise ValueError(f"block_size={block_size!r}: VAR teachers have no block_size (patch_nums set the tokens)")
-    path = Path(model)
-    if not path.exists():
-        raise ValueError(f"model: {path} does not exist (expected a save_pretrained folder or an official .pth file)")
-    if path.is_dir():
-        var = VAR.from_pretrained(path)
+    from distilled_decoding.hub import check_source
+
+    check_source("model", model, "a save_pretrained folder, an official .pth file or a Hub reference")
+    if Path(model).is_dir():
+        var = VAR.from_pretrained(model)
     else:
         if tokenizer is None:
             raise ValueError("tokenizer: an official VAR checkpoint needs its VAE file (vae_ch160v4096z32.pth)")
         depth = int(preset.lstrip("d")) if isinstance(preset, str) else preset
-        var = VAR.from_official(path, tokenizer, depth=depth)
+        var = VAR.from_official(model, tokenizer, depth=depth, **overrides)
     if var.vae is None:
-        raise ValueError(f"model: {path} carries no VAE; pass the VAE file as tokenizer")
+        raise ValueError(f"model: {os.fspath(model)} carries no VAE; pass the VAE file as tokenizer")
     return var.eval(), var.vae.eval()

@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -593,16 +592,18 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
 
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
-    def from_official(cls, path: str | os.PathLike, *, key: str | None = None, **overrides: Any) -> MultiScaleVQVAE:
-        """Load an official VQVAE file (``vae_ch160v4096z32.pth``, raw state dict; or ``.safetensors``).
+    def from_official(
+        cls, path: str | os.PathLike, *, key: str | None = None, revision: str | None = None, **overrides: Any
+    ) -> MultiScaleVQVAE:
+        """Load an official VQVAE file (``vae_ch160v4096z32.pth``, raw state dict; or ``.safetensors``): a local path
+        or a Hub reference (``"FoundationVision/var/vae_ch160v4096z32.pth"``; ``revision`` pins it).
 
         The architecture is read from the tensor shapes (:func:`infer_msvq_config`), so small VQVAEs in the official
         format load too; ``overrides`` are config fields (``v_patch_nums`` is not stored in the files and defaults
         to the 256px schedule; ``test_mode`` defaults to True). Like the official ``VQVAE.load_state_dict``, a
         ``quantize.ema_vocab_hit_SV`` buffer recorded for another scale count is replaced by zeros of our shape.
         """
-        path = Path(path)
-        sd = load_state_dict_file(path, key=key)
+        sd = load_state_dict_file(path, key=key, revision=revision)
         unknown = sorted(set(overrides) - set(_DEFAULTS))
         if unknown:
             raise ValueError(f"unknown MultiScaleVQVAE config field(s) {unknown}; valid: {sorted(_DEFAULTS)}")
@@ -614,7 +615,7 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
         if hit is not None and hit.ndim == 2 and hit.shape[0] != s:
             sd = {**sd, "quantize.ema_vocab_hit_SV": torch.zeros(s, hit.shape[1], dtype=hit.dtype)}
         what = f"MultiScaleVQVAE ({_describe(model.config)})"
-        load_strict(model, sd, source=str(path), what=what, hint=_hint, assign=True)
+        load_strict(model, sd, source=os.fspath(path), what=what, hint=_hint, assign=True)
         model.requires_grad_(not model.config.test_mode)
         return model.eval()
 

@@ -23,7 +23,6 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -491,9 +490,16 @@ class VQTokenizer(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_official(
-        cls, path: str | os.PathLike, preset: str | None = None, *, key: str | None = None, **overrides: Any
+        cls,
+        path: str | os.PathLike,
+        preset: str | None = None,
+        *,
+        key: str | None = None,
+        revision: str | None = None,
+        **overrides: Any,
     ) -> VQTokenizer:
-        """Load an official LlamaGen tokenizer file (``vq_ds16_c2i.pt``, ``vq_ds8_c2i.pt``, ``.safetensors``).
+        """Load an official LlamaGen tokenizer file (``vq_ds16_c2i.pt``, ``vq_ds8_c2i.pt``, ``.safetensors``): a
+        local path or a Hub reference (``"FoundationVision/LlamaGen/vq_ds16_c2i.pt"``; ``revision`` pins it).
 
         ``preset=None`` (default) builds the architecture from the checkpoint's shapes
         (:func:`infer_vq_config`), so VQ-16 and VQ-8 files both load; ``preset="VQ-16"`` / ``"VQ-8"`` insists
@@ -506,8 +512,7 @@ class VQTokenizer(ModelMixin, ConfigMixin):
         ``codebook_show_usage`` is passed explicitly, it follows the file (so such files load, without usage
         bookkeeping). The model is returned in eval mode.
         """
-        path = Path(path)
-        sd = load_state_dict_file(path, key=key)
+        sd = load_state_dict_file(path, key=key, revision=revision)
         if preset is None:
             cfg = {**VQ_PRESETS["VQ-16"], **infer_vq_config(sd)}
         elif preset in VQ_PRESETS:
@@ -522,7 +527,7 @@ class VQTokenizer(ModelMixin, ConfigMixin):
         with torch.device("meta"):
             model = cls(**cfg)
         what = f"LlamaGen VQ tokenizer {preset or ''} ({_describe(cfg)})".replace("  ", " ")
-        load_strict(model, sd, source=str(path), what=what, hint=_hint, assign=True)
+        load_strict(model, sd, source=os.fspath(path), what=what, hint=_hint, assign=True)
         return model.eval()
 
     # -- properties -----------------------------------------------------------------------------------------
