@@ -20,6 +20,11 @@ _EXPORTS = {
     "PAR_PRESETS": "distilled_decoding.teachers.par",
     "VQTokenizer": "distilled_decoding.tokenizers.vq",
     "MultiScaleVQVAE": "distilled_decoding.tokenizers.msvq",
+    # conditions and text encoders
+    "TextCondition": "distilled_decoding.conditions",
+    "T5TextEncoder": "distilled_decoding.text",
+    "PromptEmbeddingCache": "distilled_decoding.text",
+    "encode_prompts": "distilled_decoding.text",
     # checkpoints
     "CheckpointError": "distilled_decoding.checkpoints",
     "load_state_dict_file": "distilled_decoding.checkpoints",
@@ -64,6 +69,7 @@ _SUBMODULES = {
     "samplers",
     "checkpoints",
     "conditions",
+    "text",
     "trajectories",
     "students",
     "losses",
@@ -113,10 +119,11 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         sampling,
         students,
         teachers,
+        text,
         trajectories,
     )
     from distilled_decoding.checkpoints import CheckpointError, load_state_dict_file
-    from distilled_decoding.conditions import ClassCondition
+    from distilled_decoding.conditions import ClassCondition, TextCondition
     from distilled_decoding.distill import DistillConfig, train_student
     from distilled_decoding.flow import noise_to_tokens
     from distilled_decoding.hub import HubReferenceError, resolve_file
@@ -138,6 +145,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from distilled_decoding.teachers.llamagen import LLAMAGEN_PRESETS, LlamaGen
     from distilled_decoding.teachers.par import PAR, PAR_PRESETS
     from distilled_decoding.teachers.var import VAR
+    from distilled_decoding.text import PromptEmbeddingCache, T5TextEncoder, encode_prompts
     from distilled_decoding.tokenizers.msvq import MultiScaleVQVAE
     from distilled_decoding.tokenizers.vq import VQTokenizer
     from distilled_decoding.trajectories import TrajectoryDataset, build_trajectories

@@ -205,8 +205,8 @@ def test_config_validation():
         LlamaGen(**{**CFG, "block_size": 200})
     with pytest.raises(ValueError, match="dim=66.*multiple of n_head"):
         LlamaGen(**{**CFG, "dim": 66})
-    with pytest.raises(ValueError, match="model_type"):
-        LlamaGen(**{**CFG, "model_type": "t2i"})
+    with pytest.raises(ValueError, match="model_type='x2i'"):  # t2i is supported: tests/test_llamagen_t2i.py
+        LlamaGen(**{**CFG, "model_type": "x2i"})
     with pytest.raises(ValueError, match="preset='GPT-Q'"):
         LlamaGen.from_preset("GPT-Q")
 

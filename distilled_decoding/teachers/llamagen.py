@@ -1,8 +1,9 @@
-"""LlamaGen class-conditional GPT, numerically equal to the official ``autoregressive/models/gpt.py``.
+"""LlamaGen GPT (class- and text-conditional), numerically equal to the official ``autoregressive/models/gpt.py``.
 
 Module names and state-dict keys are the official ones, so official checkpoints load unchanged::
 
-    cls_embedding.embedding_table.weight   (num_classes + 1, dim)   row ``num_classes`` = null class (CFG)
+    cls_embedding.embedding_table.weight   (num_classes + 1, dim)   c2i: row ``num_classes`` = null class (CFG)
+    cls_embedding.cap_proj.fc{1,2}.weight, cls_embedding.uncond_embedding     t2i: see ``llamagen_t2i.py``
     tok_embeddings.weight                  (vocab_size, dim)
     layers.{i}.attention.wqkv.weight       ((n_head + 2 n_kv_head) head_dim, dim)
     layers.{i}.attention.wo.weight         (dim, dim)
@@ -14,7 +15,13 @@ The layers and the numerics that decide equality are in :mod:`~distilled_decodin
 configuration and official sizes in :mod:`~distilled_decoding.teachers.llamagen_config`, the reading of official
 files in :mod:`~distilled_decoding.teachers.llamagen_official`.
 
-Besides teacher forcing (``gpt(tokens, class_labels)``) the model implements the
+The condition (``model_type``) is one module, ``cls_embedding``: :class:`LabelEmbedder` (c2i, one position, class
+labels (B,) long) or :class:`~distilled_decoding.teachers.llamagen_t2i.CaptionEmbedder` (t2i, ``cls_token_num``
+positions, a :class:`~distilled_decoding.conditions.TextCondition`). Both give the condition spec (``spec``), embed
+(``embed``) and the key mask of the condition positions (``key_mask``: None = plain causal attention); the model
+never branches on the type.
+
+Besides teacher forcing (``gpt(tokens, condition)``) the model implements the
 :class:`~distilled_decoding.teachers.base.Teacher` interface — raster order, one token per decoding step — with a
 statically allocated KV cache.
 """
@@ -31,11 +38,12 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
 from distilled_decoding.checkpoints import CheckpointError, load_state_dict_file, load_strict
-from distilled_decoding.conditions import ClassCondition
+from distilled_decoding.conditions import ConditionSpec
 from distilled_decoding.model_config import config_init
 from distilled_decoding.teachers.base import check_token_ids
 from distilled_decoding.teachers.llamagen_config import LLAMAGEN_PRESETS, LlamaGenConfig, find_multiple
 from distilled_decoding.teachers.llamagen_layers import (
+    CONDITION_EMBEDDERS,
     LabelEmbedder,
     LlamaGenCache,
     RMSNorm,
@@ -48,16 +56,19 @@ from distilled_decoding.teachers.llamagen_official import (
     official_config,
     preset_hint,
 )
+from distilled_decoding.teachers.llamagen_t2i import caption_attention_mask
 
 __all__ = ["LlamaGen", "LlamaGenConfig", "LLAMAGEN_PRESETS", "LlamaGenCache"]
 
 
 class LlamaGen(ModelMixin, ConfigMixin):
-    """Class-conditional LlamaGen GPT. Constructor arguments are the official ``ModelArgs`` field names
+    """LlamaGen GPT. Constructor arguments are the official ``ModelArgs`` field names
     (:class:`~distilled_decoding.teachers.llamagen_config.LlamaGenConfig`).
 
-    ``gpt(tokens, class_labels)``: tokens (B, N) long with N ≤ block_size, class_labels (B,) long →
-    logits (B, N, vocab_size) float32 where ``logits[:, i]`` is p(token i | tokens[:, :i], class).
+    ``gpt(tokens, condition)``: tokens (B, N) long with N ≤ block_size, condition = class labels (B,) long
+    (``model_type="c2i"``) or a :class:`~distilled_decoding.conditions.TextCondition` (``"t2i"``: caption features
+    (B, cls_token_num, caption_dim), left-padded, + mask) → logits (B, N, vocab_size) float32 where
+    ``logits[:, i]`` is p(token i | tokens[:, :i], condition).
     """
 
     family: ClassVar[str] = "llamagen"
@@ -67,7 +78,7 @@ class LlamaGen(ModelMixin, ConfigMixin):
     def __init__(self, cfg: LlamaGenConfig):
         super().__init__()
         self.args = cfg
-        self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob)
+        self.cls_embedding: LabelEmbedder | Any = CONDITION_EMBEDDERS[cfg.model_type](cfg)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.tok_dropout = nn.Dropout(cfg.token_dropout_p)
         dpr = torch.linspace(0, cfg.drop_path_rate, cfg.n_layer, device="cpu").tolist()
@@ -135,8 +146,8 @@ class LlamaGen(ModelMixin, ConfigMixin):
     # -- properties -----------------------------------------------------------------------------------------
     @property
     def freqs_cis(self) -> Tensor:
-        """(1 + block_size, head_dim/2, 2) float32 RoPE table on the weights' device. Like the official model
-        it is not a buffer: never saved, and never cast to the model dtype (rotation runs in fp32)."""
+        """(cls_token_num + block_size, head_dim/2, 2) float32 RoPE table on the weights' device. Like the official
+        model it is not a buffer: never saved, and never cast to the model dtype (rotation runs in fp32)."""
         device = self.output.weight.device
         if self._freqs is None or self._freqs.device != device:
             a = self.args
@@ -149,12 +160,13 @@ class LlamaGen(ModelMixin, ConfigMixin):
 
     @property
     def null_class(self) -> int | None:
-        """Index of the unconditional (CFG) class, or None when the class table has no null row."""
-        return self.args.num_classes if self.cls_embedding.embedding_table.num_embeddings > self.num_classes else None
+        """Index of the unconditional (CFG) class, or None when the class table has no null row (and for t2i)."""
+        return self.cls_embedding.null_class
 
     @property
-    def condition(self) -> ClassCondition:
-        return ClassCondition(self.num_classes, self.null_class)
+    def condition(self) -> ConditionSpec:
+        """Class ids (c2i) or caption features (t2i): the spec of :mod:`distilled_decoding.conditions`."""
+        return self.cls_embedding.spec
 
     @property
     def vocab_size(self) -> int:
@@ -174,26 +186,28 @@ class LlamaGen(ModelMixin, ConfigMixin):
         return None
 
     # -- teacher forcing -------------------------------------------------------------------------------------
-    def forward(self, tokens: Tensor, class_labels: Tensor) -> Tensor:
-        """tokens (B, N) long, class_labels (B,) long → logits (B, N, V) float32 (teacher forcing).
-
-        In training mode class labels are dropped to the null class with probability ``class_dropout_prob``.
-        """
+    def forward(self, tokens: Tensor, condition: Any) -> Tensor:
+        """tokens (B, N) long, condition: class labels (B,) long or a TextCondition → logits (B, N, V) float32
+        (teacher forcing). In training mode the condition is dropped (null class / null caption) with probability
+        ``class_dropout_prob``."""
         self.check_tokens(tokens, "tokens", max_len=self.seq_len)
-        class_labels = self.condition.check(class_labels, tokens.shape[0])
-        return self.logits_from_prefix(tokens[:, :-1], class_labels)
+        condition = self.condition.check(condition, tokens.shape[0])
+        return self.logits_from_prefix(tokens[:, :-1], condition)
 
-    def logits_from_prefix(self, tokens: Tensor | None, class_labels: Tensor) -> Tensor:
-        """Unvalidated teacher forcing: input ``[class, tokens]`` (B, 1+T) → logits (B, 1+T, V) float32.
-        ``class_labels`` may contain the null class; ``tokens`` None means T = 0."""
-        h = self.cls_embedding(class_labels)
+    def logits_from_prefix(self, tokens: Tensor | None, condition: Any) -> Tensor:
+        """Unvalidated teacher forcing: input ``[condition positions P, tokens]`` (B, P+T) → logits (B, 1+T, V)
+        float32 of the last condition position and the T tokens (``[:, i]`` predicts token i; P = cls_token_num).
+        The condition may be the null condition; ``tokens`` None means T = 0."""
+        h = self.cls_embedding(condition)
         if tokens is not None and tokens.shape[1] > 0:
             h = torch.cat([h, self.tok_embeddings(tokens)], dim=1)
         h = self.tok_dropout(h)
         freqs = self.freqs_cis[: h.shape[1]]
+        key_mask = self.cls_embedding.key_mask(condition)
+        mask = None if key_mask is None else caption_attention_mask(key_mask, 0, h.shape[1])
         for layer in self.layers:
-            h = layer(h, freqs)
-        return self.output(self.norm(h)).float()
+            h = layer(h, freqs, mask=mask)
+        return self.output(self.norm(h[:, self.cls_embedding.num_positions - 1 :])).float()
 
     def check_tokens(self, tokens: Tensor, name: str = "tokens", max_len: int | None = None) -> None:
         """ValueError naming ``name`` unless tokens is a (B, N) integer tensor of ids in [0, V), N ≤ max_len."""
@@ -212,8 +226,8 @@ class LlamaGen(ModelMixin, ConfigMixin):
         return [cfg_scale if (cfg_interval < 0 or j <= cfg_interval + 1) else 1.0 for j in range(self.seq_len)]
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> LlamaGenCache:
-        """Allocate a zeroed static KV cache for ``batch_size`` rows and ``max_len`` positions (class token
-        included; default 1 + block_size rounded up to a multiple of 8, as the official sampler does)."""
+        """Allocate a zeroed static KV cache for ``batch_size`` rows and ``max_len`` positions (condition positions
+        included; default cls_token_num + block_size rounded up to a multiple of 8, as the official sampler does)."""
         max_len = find_multiple(max_len or (self.args.cls_token_num + self.seq_len), 8)
         a = self.args
         p = self.output.weight
@@ -230,17 +244,19 @@ class LlamaGen(ModelMixin, ConfigMixin):
         if start + s > cache.k.shape[3]:
             raise ValueError(f"KV cache holds {cache.k.shape[3]} positions; cannot write up to {start + s}")
         freqs = self.freqs_cis[start : start + s]
+        if mask is None and cache.key_mask is not None:
+            mask = caption_attention_mask(cache.key_mask, start, s)
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs, (cache.k[i], cache.v[i]), start, mask)
         cache.pos = start + s
         return h
 
-    def begin(self, class_labels: Tensor, prefix: Tensor | None = None) -> tuple[LlamaGenCache, Tensor]:
-        """Prefill [class, prefix]: class_labels (B,) (null class allowed), prefix (B, T) long or None.
-        Returns (cache, logits (B, 1, V) float32 for token T)."""
-        b = class_labels.shape[0]
-        cache = self.new_cache(b)
-        h = self.cls_embedding.embedding_table(class_labels).unsqueeze(1)
+    def begin(self, condition: Any, prefix: Tensor | None = None) -> tuple[LlamaGenCache, Tensor]:
+        """Prefill [condition, prefix]: class labels (B,) (null class allowed) or a TextCondition (null caption
+        allowed), prefix (B, T) long or None. Returns (cache, logits (B, 1, V) float32 for token T)."""
+        cache = self.new_cache(self.condition.batch_size(condition))
+        cache.key_mask = self.cls_embedding.key_mask(condition)
+        h = self.cls_embedding.embed(condition)
         if prefix is not None and prefix.shape[1] > 0:
             h = torch.cat([h, self.tok_embeddings(prefix)], dim=1)
         h = self.cached_forward(cache, h)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["LlamaGenConfig", "LLAMAGEN_PRESETS", "find_multiple"]
+__all__ = ["LlamaGenConfig", "LLAMAGEN_PRESETS", "MODEL_TYPES", "find_multiple"]
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -14,7 +14,9 @@ def find_multiple(n: int, k: int) -> int:
 
 @dataclass
 class LlamaGenConfig:
-    """The official ``ModelArgs`` fields (c2i). ``block_size`` = number of image tokens (a square)."""
+    """The official ``ModelArgs`` fields. ``block_size`` = number of image tokens (a square). ``model_type``
+    "c2i" (class labels, ``cls_token_num`` = 1) or "t2i" (caption features of width ``caption_dim`` in
+    ``cls_token_num`` positions: 120 for the official models)."""
 
     dim: int = 4096
     n_layer: int = 32
@@ -44,11 +46,12 @@ class LlamaGenConfig:
         def bad(field: str, expected: str) -> ValueError:
             return ValueError(f"LlamaGen config: {field}={getattr(self, field)!r}, expected {expected}")
 
-        if self.model_type != "c2i":
-            raise bad("model_type", "'c2i' (text-to-image LlamaGen is not supported)")
-        if self.cls_token_num != 1:
+        if self.model_type not in MODEL_TYPES:
+            raise bad("model_type", f"one of {MODEL_TYPES} (class- or text-conditional)")
+        if self.model_type == "c2i" and self.cls_token_num != 1:
             raise bad("cls_token_num", "1 for class-conditional models")
-        for f in ("dim", "n_layer", "n_head", "vocab_size", "num_classes", "block_size", "multiple_of"):
+        ints = ["dim", "n_layer", "n_head", "vocab_size", "num_classes", "block_size", "multiple_of", "cls_token_num"]
+        for f in ints + ["caption_dim"] * (self.model_type == "t2i"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 raise bad(f, "a positive integer")
         if self.dim % self.n_head:
@@ -91,7 +94,11 @@ class LlamaGenConfig:
         return math.isqrt(self.block_size)
 
 
-#: Official class-conditional sizes (``GPT_models`` in gpt.py). Values are ModelArgs overrides.
+#: The condition types of LlamaGen (the embedders: ``llamagen_layers.CONDITION_EMBEDDERS``).
+MODEL_TYPES = ("c2i", "t2i")
+
+#: Official sizes (``GPT_models`` in gpt.py). Values are ModelArgs overrides. The released T2I models are GPT-XL
+#: (``t2i_XL_stage1_256.pt``, ``t2i_XL_stage2_512.pt``); GPT-1B / GPT-7B are the official "text-conditional" sizes.
 LLAMAGEN_PRESETS: dict[str, dict[str, int]] = {
     "GPT-B": dict(n_layer=12, n_head=12, dim=768),
     "GPT-L": dict(n_layer=24, n_head=16, dim=1024),
@@ -99,4 +106,6 @@ LLAMAGEN_PRESETS: dict[str, dict[str, int]] = {
     "GPT-XXL": dict(n_layer=48, n_head=24, dim=1536),
     "GPT-XXXL": dict(n_layer=48, n_head=40, dim=2560),
     "GPT-3B": dict(n_layer=24, n_head=32, dim=3200),
+    "GPT-1B": dict(n_layer=22, n_head=32, dim=2048),
+    "GPT-7B": dict(n_layer=32, n_head=32, dim=4096),
 }

@@ -8,6 +8,7 @@ The layers read their sizes from a :class:`~distilled_decoding.teachers.llamagen
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,12 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distilled_decoding.conditions import ClassCondition
+from distilled_decoding.teachers.llamagen_t2i import CaptionEmbedder
+
 if TYPE_CHECKING:
     from distilled_decoding.teachers.llamagen_config import LlamaGenConfig
 
 __all__ = [
     "RMSNorm",
     "LabelEmbedder",
+    "CONDITION_EMBEDDERS",
     "FeedForward",
     "apply_rotary_emb",
     "precompute_freqs_cis_2d",
@@ -45,7 +50,13 @@ class RMSNorm(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class table; with ``dropout_prob > 0`` it has the extra null row used for CFG and label dropout."""
+    """Class table; with ``dropout_prob > 0`` it has the extra null row used for CFG and label dropout.
+
+    The condition embedder of class-conditional LlamaGen (``model_type="c2i"``, one condition position); the
+    text-conditional one is :class:`~distilled_decoding.teachers.llamagen_t2i.CaptionEmbedder`. Both have ``spec``
+    (the condition they take), ``embed`` (no dropout) and ``key_mask`` (None: plain causal attention)."""
+
+    num_positions = 1
 
     def __init__(self, num_classes: int, dim: int, dropout_prob: float):
         super().__init__()
@@ -59,6 +70,30 @@ class LabelEmbedder(nn.Module):
             drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
             labels = torch.where(drop, self.num_classes, labels)
         return self.embedding_table(labels).unsqueeze(1)
+
+    @property
+    def null_class(self) -> int | None:
+        """The unconditional (CFG) class id, or None when the table has no null row."""
+        return self.num_classes if self.embedding_table.num_embeddings > self.num_classes else None
+
+    @property
+    def spec(self) -> ClassCondition:
+        return ClassCondition(self.num_classes, self.null_class)
+
+    def embed(self, labels: Tensor) -> Tensor:
+        """labels (B,) (null class allowed) → (B, 1, dim), no dropout (decoding)."""
+        return self.embedding_table(labels).unsqueeze(1)
+
+    def key_mask(self, labels: Tensor) -> None:
+        """No mask: the class token is always attended to (plain causal attention)."""
+        return None
+
+
+#: The condition embedder of each ``model_type`` (the official module ``cls_embedding``), built from the config.
+CONDITION_EMBEDDERS: dict[str, Callable[[LlamaGenConfig], nn.Module]] = {
+    "c2i": lambda cfg: LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob),
+    "t2i": lambda cfg: CaptionEmbedder(cfg.caption_dim, cfg.dim, cfg.class_dropout_prob, cfg.cls_token_num),
+}
 
 
 class FeedForward(nn.Module):
@@ -114,7 +149,8 @@ class Attention(nn.Module):
     ) -> Tensor:
         """x (B, S, dim). Without ``kv``: causal attention over x. With ``kv`` (two (B, H_kv, S_max, hd)
         buffers): x sits at positions start..start+S-1; its keys/values are written there and the queries
-        attend to positions < start+S (``mask`` (S, start+S) bool overrides the causal pattern)."""
+        attend to positions < start+S (``mask`` (S, start+S) or (B, 1, S, start+S) bool overrides the causal
+        pattern; without ``kv`` the mask covers x)."""
         b, s, _ = x.shape
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
@@ -168,11 +204,13 @@ class TransformerBlock(nn.Module):
 
 @dataclass
 class LlamaGenCache:
-    """Static KV cache: ``k``/``v`` of shape (n_layer, B, H_kv, S_max, head_dim), written in place."""
+    """Static KV cache: ``k``/``v`` of shape (n_layer, B, H_kv, S_max, head_dim), written in place.
+    ``key_mask`` (B, P) bool: the condition positions that may be attended to (t2i); None = plain causal."""
 
     k: Tensor
     v: Tensor
-    pos: int = 0  # number of filled positions (class token included)
+    pos: int = 0  # number of filled positions (condition positions included)
+    key_mask: Tensor | None = None
 
     @property
     def batch_size(self) -> int:

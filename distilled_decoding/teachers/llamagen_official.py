@@ -51,12 +51,18 @@ def official_config(
 
 
 def _shape_fields(sd: Mapping[str, Tensor]) -> dict[str, Any]:
-    """Config fields that the tensors determine unambiguously (vocab, classes, null row)."""
+    """Config fields that the tensors determine unambiguously (vocab, classes, null row; t2i: model type, caption
+    width, number of caption positions)."""
     out: dict[str, Any] = {}
     if "tok_embeddings.weight" in sd:
         out["vocab_size"] = int(sd["tok_embeddings.weight"].shape[0])
     if "cls_embedding.embedding_table.weight" in sd:  # official tables carry the null row
         out["num_classes"] = int(sd["cls_embedding.embedding_table.weight"].shape[0]) - 1
+    if "cls_embedding.cap_proj.fc1.weight" in sd:
+        out["model_type"] = "t2i"
+        out["caption_dim"] = int(sd["cls_embedding.cap_proj.fc1.weight"].shape[1])
+        if "cls_embedding.uncond_embedding" in sd:
+            out["cls_token_num"] = int(sd["cls_embedding.uncond_embedding"].shape[0])
     return out
 
 
@@ -72,14 +78,20 @@ def _describe(sd: Mapping[str, Tensor]) -> str:
         parts += [f"dim {emb.shape[1]}", f"vocab {emb.shape[0]}"]
     if cls is not None:
         parts.append(f"class table {cls.shape[0]} rows")
+    cap = sd.get("cls_embedding.cap_proj.fc1.weight")
+    if cap is not None:
+        parts.append(f"caption width {cap.shape[1]} (t2i)")
     return ", ".join(parts)
 
 
 def describe_config(cfg: Mapping[str, Any]) -> str:
     c = {**asdict(LlamaGenConfig()), **cfg}
+    cond = f"{c['num_classes']} classes"
+    if c["model_type"] == "t2i":
+        cond = f"t2i, {c['cls_token_num']} caption positions of width {c['caption_dim']}"
     return (
         f"dim {c['dim']}, {c['n_layer']} layers, {c['n_head']} heads, vocab {c['vocab_size']}, "
-        f"{c['num_classes']} classes, block_size {c['block_size']}"
+        f"{cond}, block_size {c['block_size']}"
     )
 
 
