@@ -12,10 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from distilled_decoding.student import DDStudent
-
-from distilled_decoding import DistilledDecodingPipeline, bench
-from distilled_decoding.cli import _gpt_b_shape
+from distilled_decoding import DDStudent, DistilledDecodingPipeline, VQTokenizer, bench
 from distilled_decoding.recipe import TeacherConfig
 
 
@@ -33,7 +30,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     # millisecond timings: many repeats
     out = {"embedded_default": bench.bench_pipeline(pipe, tiny, tuple(args.batch_sizes), repeat=10)}
-    gpt_b, vq16 = _gpt_b_shape(vq_too=True)
+    gpt_b, vq16 = bench.random_llamagen("GPT-B"), VQTokenizer.from_preset("VQ-16").eval()
     student = DDStudent.from_teacher(gpt_b, vq16.codebook, init_input="random").eval()
     big = DistilledDecodingPipeline(student=student, tokenizer=vq16, info={"teacher_sampling": {"cfg_scale": 2.0}})
     big.set_progress_bar_config(disable=True)

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 from distilled_decoding import bench
-from distilled_decoding.cli import _gpt_b_shape
 from distilled_decoding.recipe import TeacherConfig
 
 
@@ -24,7 +23,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
     tiny, _ = TeacherConfig().load()
-    gpt_b, _ = _gpt_b_shape(vq_too=False)
+    gpt_b = bench.random_llamagen("GPT-B")
     out = {
         "embedded_default": bench.bench_sampler(tiny, tuple(args.batch_sizes), repeat=args.repeat,
                                                 official_repo=args.official_llamagen),

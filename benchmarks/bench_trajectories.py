@@ -11,8 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from distilled_decoding import bench
-from distilled_decoding.cli import _gpt_b_shape
+from distilled_decoding import VQTokenizer, bench
 from distilled_decoding.recipe import TeacherConfig
 
 
@@ -23,7 +22,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
     tiny, tiny_vq = TeacherConfig().load()
-    gpt_b, vq16 = _gpt_b_shape(vq_too=True)
+    gpt_b, vq16 = bench.random_llamagen("GPT-B"), VQTokenizer.from_preset("VQ-16").eval()
     out = {
         "embedded_default": bench.bench_trajectories(tiny, tiny_vq.codebook, tuple(args.batch_sizes),
                                                      sampling={"cfg_scale": 2.0}, repeat=args.repeat),

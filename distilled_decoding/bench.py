@@ -4,8 +4,11 @@
   official LlamaGen code is importable from a path you give, its ``generate()``), same model and settings;
 * :func:`bench_trajectories` — trajectory pairs/s, the flow map's share of the step time, and the ratio of
   flow-map decoding to plain multinomial decoding with the same loop;
-* :func:`bench_pipeline` — latency (batch 1) and throughput (larger batches) and peak memory of teacher AR,
-  DD 1-step, DD 2-step and teacher-refined sampling, plus DD 1-step's floor (one student forward + the decode).
+* :func:`bench_pipeline` — latency (batch 1) and throughput (larger batches) and peak memory of the teacher's
+  ordinary decoding (KV cache, multinomial: the honest baseline every speedup divides by), the teacher through the
+  flow map (the trajectory mapping), DD 1-step, DD 2-step and teacher-refined sampling, plus DD 1-step's floor
+  (one student forward + the decode);
+* :func:`random_llamagen` — real-shape LlamaGen teachers with random weights for the size benchmarks.
 
 ``distilled-decoding bench`` and the scripts in ``benchmarks/`` call these and write JSON.
 """
@@ -26,7 +29,15 @@ from torch import Tensor
 from distilled_decoding.samplers import TeacherSampler
 from distilled_decoding.sampling import FlowChooser, MultinomialChooser, filter_logits, sample_tokens
 
-__all__ = ["measure", "peak_memory", "bench_sampler", "bench_trajectories", "bench_pipeline", "environment"]
+__all__ = [
+    "measure",
+    "peak_memory",
+    "bench_sampler",
+    "bench_trajectories",
+    "bench_pipeline",
+    "environment",
+    "random_llamagen",
+]
 
 
 def environment() -> dict[str, Any]:
@@ -36,6 +47,18 @@ def environment() -> dict[str, Any]:
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
     return {"torch": torch.__version__, "device": dev, "threads": torch.get_num_threads(),
             "cuda": torch.cuda.is_available()}  # fmt: skip
+
+
+def random_llamagen(preset: str = "GPT-B", block_size: int = 256, seed: int = 0, **overrides: Any) -> Any:
+    """An official LlamaGen size with random weights and a peaked output head like a trained model's (logits std
+    ≈ 3: entropy ≈ 5 nats), in eval mode."""
+    from distilled_decoding.teachers.llamagen import LlamaGen
+
+    torch.manual_seed(seed)
+    gpt = LlamaGen.from_preset(preset, block_size=block_size, **overrides).eval()
+    with torch.no_grad():
+        gpt.output.weight.normal_(0.0, 0.1)
+    return gpt
 
 
 def _sync() -> None:
@@ -254,6 +277,8 @@ def bench_pipeline(
 ) -> dict[str, Any]:
     """Latency / throughput / peak memory of each sampler at each batch size (images decoded, in [0, 1]).
 
+    Speedups are reported against the teacher's ordinary decoding (``speedup_vs_teacher``: KV cache, multinomial,
+    same batch and sampling settings) and against its flow-map decoding (``speedup_vs_teacher_flow_map``).
     ``floor`` is DD 1-step's lower bound: one student forward over the whole sequence plus the decode."""
     student = pipe.student
     device = student.codebook.device
@@ -262,7 +287,9 @@ def bench_pipeline(
     flow_kwargs = dict(pipe.info.get("flow") or {})
     t2 = list(student.config.timesteps)[-1]
     refine = refine or (t2 - max(1, t2 // 4), t2)
-    objects = [TeacherSampler(teacher, student.codebook, sampling, "flow", flow_kwargs), pipe.sampler(1),
+    generator = torch.Generator(device=device).manual_seed(0)
+    objects = [TeacherSampler(teacher, student.codebook, sampling, "multinomial", generator=generator),
+               TeacherSampler(teacher, student.codebook, sampling, "flow", flow_kwargs), pipe.sampler(1),
                pipe.sampler(2), pipe.sampler(teacher=teacher, teacher_tokens=refine)]  # fmt: skip
     results: dict[str, Any] = {}
     for b in batch_sizes:
@@ -284,9 +311,10 @@ def bench_pipeline(
                 t = measure(fn, repeat=repeat if b == 1 or "teacher" not in name else max(1, repeat - 2))
             row[name] = {**t, "latency_s" if b == 1 else "batch_s": t["median_s"],
                          "images_per_s": b / t["median_s"], "peak_mib": mem["peak_mib"]}  # fmt: skip
-        base = row["teacher AR (flow map)"]["median_s"]
+        base, flow = row["teacher AR (multinomial)"]["median_s"], row["teacher AR (flow map)"]["median_s"]
         for r in row.values():
             r["speedup_vs_teacher"] = base / r["median_s"]
+            r["speedup_vs_teacher_flow_map"] = flow / r["median_s"]
         row["DD 1-step / floor"] = row["DD 1-step"]["median_s"] / row["DD 1-step floor (forward + decode)"]["median_s"]
         results[f"batch_{b}"] = row
     return {"student": type(student).__name__, "tokens": n_tok, "refine": list(refine), "results": results,

@@ -37,24 +37,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gpt_b_shape(vq_too: bool) -> tuple[Any, Any]:
-    """GPT-B-shaped teacher (random weights, a peaked output head like a trained model) and a VQ-16 tokenizer."""
-    import torch
-
-    from distilled_decoding import LlamaGen, VQTokenizer
-
-    torch.manual_seed(0)
-    gpt = LlamaGen.from_preset("GPT-B", block_size=256).eval()
-    with torch.no_grad():
-        gpt.output.weight.normal_(0.0, 0.1)  # logits std ≈ 3: entropy ≈ 5 nats, as a trained model's
-    vq = VQTokenizer.from_preset("VQ-16").eval() if vq_too else None
-    return gpt, vq
-
-
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
-    from distilled_decoding import bench
+    from distilled_decoding import VQTokenizer, bench
     from distilled_decoding.recipe import TeacherConfig
 
     what = {w.strip() for w in args.what.split(",") if w.strip()}
@@ -74,7 +60,7 @@ def _bench(args: argparse.Namespace) -> int:
                                                                sampling=sampling)  # fmt: skip
         _show("trajectories (embedded default)", out["trajectories_default"])
     if args.gpt_b and what & {"sampler", "trajectories"}:
-        gpt, vq = _gpt_b_shape(vq_too=True)
+        gpt, vq = bench.random_llamagen("GPT-B"), VQTokenizer.from_preset("VQ-16").eval()
         if "sampler" in what:
             out["sampler_gpt_b"] = bench.bench_sampler(gpt, (1, 16), repeat=2, official_repo=args.official_llamagen,
                                                        include_full_recompute=not args.skip_full_recompute)  # fmt: skip
@@ -99,7 +85,7 @@ def _bench(args: argparse.Namespace) -> int:
         if args.gpt_b:
             from distilled_decoding.students.llamagen import DDStudent
 
-            gpt, vq = _gpt_b_shape(vq_too=True)
+            gpt, vq = bench.random_llamagen("GPT-B"), VQTokenizer.from_preset("VQ-16").eval()
             student = DDStudent.from_teacher(gpt, vq.codebook, init_input="random").eval()
             gpt_pipe = DistilledDecodingPipeline(student=student, tokenizer=vq, info={"teacher_sampling": sampling})
             gpt_pipe.set_progress_bar_config(disable=True)

@@ -2,8 +2,8 @@
 
 With no arguments it distils the embedded default VAR (``checkpoints/digits_var``: scales 1, 2, 4, 8 → 85 tokens,
 its multi-scale VQVAE inside) on CPU: builds the trajectories if the folder has none, trains the
-:class:`~distilled_decoding.student.DDVARStudent`, saves the pipeline, evaluates it against the teacher and writes a
-sample grid. Works with ``python`` and with ``accelerate launch``::
+:class:`~distilled_decoding.students.var.DDVARStudent`, saves the pipeline, evaluates it against the teacher and
+writes a sample grid. Works with ``python`` and with ``accelerate launch``::
 
     accelerate launch recipes/distill_var.py
     accelerate launch recipes/distill_var.py --config recipes/configs/var_d16.yaml \\

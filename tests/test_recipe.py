@@ -43,13 +43,19 @@ def test_all_stages_write_their_outputs(job):
     assert (out / "pipeline" / "model_index.json").is_file()
     assert (out / "samples_grid.png").stat().st_size > 0
     rows = summary["evaluation"]["rows"]
-    names = ["teacher AR (flow map)", "DD 1-step", "DD 2-step", "DD refined (5-6)", "onestep*", "skip-2", "skip-4"]
+    names = ["teacher AR (multinomial)", "teacher AR (flow map)", "DD 1-step", "DD 2-step", "DD refined (5-6)",
+             "onestep*", "skip-2", "skip-4"]  # fmt: skip
     assert list(rows) == names
     for r in rows.values():
-        assert set(r) >= {"fid", "is", "precision", "recall", "class_acc", "steps", "images_per_s", "speedup"}
+        assert set(r) >= {"fid", "is", "precision", "recall", "class_acc", "steps", "images_per_s", "speedup",
+                          "speedup_vs_flow_map"}  # fmt: skip
     assert rows["DD 1-step"]["steps"] == 1 and rows["DD 2-step"]["steps"] == 2 and rows["skip-4"]["steps"] == 13
     assert rows["teacher AR (flow map)"]["steps"] == 16 and rows["DD refined (5-6)"]["steps"] == 3
-    assert rows["teacher AR (flow map)"]["speedup"] == 1.0
+    assert (
+        rows["teacher AR (multinomial)"]["speedup"] == 1.0
+        and rows["teacher AR (flow map)"]["speedup_vs_flow_map"] == 1.0
+    )
+    assert rows["teacher AR (multinomial)"]["steps"] == 16
     table = (out / "evaluation.md").read_text()
     assert table.startswith("| sampler | FID |") and "| DD 1-step |" in table
     card = (out / "pipeline" / "README.md").read_text()
