@@ -3,6 +3,8 @@
     distilled-decoding distill [--config cfg.yaml] [section.field=value ...]   # the end-to-end job
     distilled-decoding evaluate --output-dir runs/digits                       # re-run the evaluation stage
     distilled-decoding bench [--what sampler,trajectories,pipeline] [--gpt-b] [--out bench.json]
+    distilled-decoding bench --suite gpu --out gpu.json [--official-llamagen /path] [--compile]   # one GPU
+    distilled-decoding bench --quick --out quick.json                                            # CPU smoke test
 
 (Never ``dd``: that name belongs to the coreutils tool.)
 """
@@ -43,6 +45,17 @@ def _bench(args: argparse.Namespace) -> int:
     from distilled_decoding import VQTokenizer, bench
     from distilled_decoding.recipe import TeacherConfig
 
+    if args.suite or args.quick:
+        from distilled_decoding.bench_suite import run_suite
+
+        result = run_suite("quick" if args.quick else args.suite, official_repo=args.official_llamagen,
+                           dtype=args.dtype, compile_student=args.compile)  # fmt: skip
+        print(json.dumps(result["summary"], indent=1))
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2))
+            print(f"wrote {args.out}")
+        return 0
     what = {w.strip() for w in args.what.split(",") if w.strip()}
     unknown = what - {"sampler", "trajectories", "pipeline"}
     if unknown:
@@ -126,6 +139,20 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("overrides", nargs="*")
     e.set_defaults(fn=_evaluate)
     b = sub.add_parser("bench", help="speed and memory benchmarks (JSON)")
+    b.add_argument(
+        "--suite",
+        choices=["gpu"],
+        default=None,
+        help="the one-command suite at real shapes (random weights) on the default device",
+    )
+    b.add_argument("--quick", action="store_true", help="the suite with the embedded defaults (a CPU smoke test)")
+    b.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="suite: autocast dtype (default bfloat16 on CUDA, float32 on CPU)",
+    )
+    b.add_argument("--compile", action="store_true", help="suite: also DD 1-step with the student under torch.compile")
     b.add_argument("--what", default="sampler,trajectories,pipeline")
     b.add_argument("--pipeline", default="runs/digits/pipeline", help="a distilled pipeline folder (default job)")
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
