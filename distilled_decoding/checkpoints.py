@@ -38,6 +38,8 @@ class CheckpointError(ValueError):
 
 
 def _read_file(path: Path) -> object:
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, expected a checkpoint file (.safetensors / .pt / .pth / .bin)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
@@ -116,6 +118,8 @@ def _is_tensor_dict(obj: Mapping) -> bool:
 
 def load_state_dict_file(path: str | os.PathLike, *, key: str | None = None) -> dict[str, torch.Tensor]:
     """Read a checkpoint file in any official format and return its ``{name: tensor}`` state dict."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a checkpoint file path, got {type(path).__name__}")
     path = Path(path)
     return extract_state_dict(_read_file(path), key=key, source=str(path))
 

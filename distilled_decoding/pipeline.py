@@ -4,6 +4,7 @@
 
     dd = DistilledDecodingPipeline.from_pretrained(repo_id_or_dir)
     images = dd.generate(noise, class_labels, steps=1)           # (B, 3, H, W) float in [0, 1]
+    images = dd.generate(noise, steps=1, generator=g)            # classes drawn uniformly with g
     images = dd.generate(noise, class_labels, steps=2)
     images = dd.generate(noise, class_labels, steps=2, teacher=gpt, teacher_tokens=(60, 80))   # refined
     out = dd(class_labels=[3, 7], num_inference_steps=1, generator=g)   # ImagePipelineOutput, .images = PIL
@@ -14,13 +15,17 @@ noise; ``teacher_sampling="random"`` reproduces the official variant, which samp
 then one student step at t₂. Steps: 1 + (t₂ − T) + 1 (no first step when T = 0).
 
 Saved with ``save_pretrained`` as ``model_index.json`` + ``student/`` + ``tokenizer/`` (safetensors only) and a
-generated model card; ``from_pretrained`` takes a folder or a Hub repo id (offline from the HF cache too).
+generated model card — only those files are written, each atomically, nothing else in the folder is touched;
+``from_pretrained`` takes a folder or a Hub repo id (offline from the HF cache too). A teacher passed for
+refinement must have the weights the student was distilled from (sha256, re-checked when the weights change).
 """
 
 from __future__ import annotations
 
 import json
+import operator
 import os
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -75,7 +80,7 @@ class DistilledDecodingPipeline(DiffusionPipeline):
     def generate(
         self,
         noise: Tensor,
-        class_labels: Tensor | Sequence[int],
+        class_labels: Tensor | Sequence[int] | None = None,
         steps: int = 1,
         *,
         teacher: Any = None,
@@ -83,21 +88,36 @@ class DistilledDecodingPipeline(DiffusionPipeline):
         teacher_sampling: str = "flow",
         generator: torch.Generator | None = None,
         return_tokens: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+        return_labels: bool = False,
+    ) -> Tensor | tuple[Tensor, ...]:
         """noise (B, N, D) standard normal, class_labels (B,) → images (B, 3, H, W) float in [0, 1].
 
+        ``class_labels`` omitted (None): B classes drawn uniformly from [0, num_classes) with ``generator``
+        (``torch.randint`` on the generator's device, the CPU when None), so ``generate(noise, steps=1)`` works
+        and is reproducible with a seeded generator; ``return_labels=True`` returns them.
         ``steps=1`` samples at t = 0; ``steps=2`` at the student's timesteps (e.g. (0, 80)). With ``teacher`` and
         ``teacher_tokens=(T, t2)`` the teacher regenerates tokens T..t2−1 between the two student steps
         (``teacher_sampling="flow"``: through the flow map with the same noise; ``"random"``: multinomial with
-        ``generator``). ``return_tokens=True`` also returns the final tokens (B, N).
+        ``generator``). Returns ``images``, then the final tokens (B, N) if ``return_tokens``, then the labels
+        (B,) if ``return_labels``.
         """
         student = self.student
         device = student.codebook.device
-        labels = torch.as_tensor(class_labels, device=device)
-        if labels.dtype.is_floating_point:
-            raise ValueError(f"class_labels: expected integer class ids, got dtype {labels.dtype}")
-        student.check_inputs(noise, labels.long())
-        noise, labels = noise.to(device=device, dtype=student.codebook.dtype), labels.long()
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+        _check_noise(noise, self.noise_shape)
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise TypeError(f"steps={steps!r}: expected an int (1 or {len(student.config.timesteps)})")
+        if teacher_sampling not in ("flow", "random"):
+            raise ValueError(f"teacher_sampling={teacher_sampling!r}: expected 'flow' or 'random'")
+        if class_labels is None:
+            gen_device = generator.device if generator is not None else torch.device("cpu")
+            labels = torch.randint(student.num_classes, (noise.shape[0],), generator=generator, device=gen_device)
+        else:
+            labels = _as_labels(class_labels)
+        labels = labels.to(device)
+        student.check_inputs(noise, labels)
+        noise = noise.to(device=device, dtype=student.codebook.dtype)
         timesteps = list(student.config.timesteps)
         if teacher is None and teacher_tokens is not None:
             raise ValueError("teacher_tokens: given without a teacher; pass teacher= as well")
@@ -111,7 +131,8 @@ class DistilledDecodingPipeline(DiffusionPipeline):
                 )
             vectors, tokens = student.sample(noise, labels, timesteps[:1] if steps == 1 else timesteps)
         images = self.decode(vectors)
-        return (images, tokens) if return_tokens else images
+        out = (images, *((tokens,) if return_tokens else ()), *((labels,) if return_labels else ()))
+        return out if len(out) > 1 else images
 
     def _refined(self, noise, labels, teacher, teacher_tokens, how, generator) -> tuple[Tensor, Tensor]:
         from distilled_decoding.sampling import FlowChooser, MultinomialChooser, sample_tokens
@@ -121,7 +142,7 @@ class DistilledDecodingPipeline(DiffusionPipeline):
         timesteps = list(student.config.timesteps)
         if teacher_tokens is None:
             teacher_tokens = (0, timesteps[-1])
-        start, t2 = (int(v) for v in teacher_tokens)
+        start, t2 = _pair_of_ints(teacher_tokens, "teacher_tokens")
         if t2 not in timesteps[1:] or not 0 <= start <= t2:
             raise ValueError(
                 f"teacher_tokens={teacher_tokens!r}: expected (T, t2) with t2 one of the student's trained timesteps "
@@ -129,8 +150,6 @@ class DistilledDecodingPipeline(DiffusionPipeline):
             )
         b = noise.shape[0]
         p_start, p2 = (int(v) for v in student.data_positions(torch.tensor([start, t2], device=noise.device)))
-        if how not in ("flow", "random"):
-            raise ValueError(f"teacher_sampling={how!r}: expected 'flow' or 'random'")
         self._check_teacher(teacher)
         sampling = dict(self.info.get("teacher_sampling") or {})
         flow_kwargs = dict(self.info.get("flow") or {})
@@ -147,6 +166,8 @@ class DistilledDecodingPipeline(DiffusionPipeline):
         return student.predict(perturb(x, student.data_positions(t), noise), labels, t)
 
     def _check_teacher(self, teacher: Any) -> None:
+        if not isinstance(teacher, torch.nn.Module):
+            raise TypeError(f"teacher: expected the teacher model (an nn.Module), got {type(teacher).__name__}")
         s = self.student
         want = {"vocab_size": s.config.vocab_size, "seq_len": s.seq_len, "num_classes": s.num_classes}
         got = {k: getattr(teacher, k, None) for k in want}
@@ -155,12 +176,7 @@ class DistilledDecodingPipeline(DiffusionPipeline):
             raise ValueError(f"teacher: does not match the student it would refine: {diff}")
         expected = (self.info.get("teacher") or {}).get("weights_sha256")
         if expected:
-            from distilled_decoding.trajectories import teacher_fingerprint
-
-            cached = getattr(teacher, "_dd_fingerprint", None)
-            if cached is None:
-                cached = teacher_fingerprint(teacher, self.student.codebook)["weights_sha256"]
-                teacher._dd_fingerprint = cached
+            cached = teacher_weights_sha256(teacher)
             if cached != expected:
                 raise ValueError(
                     f"teacher: its weights (sha256 {cached[:12]}) are not those of the teacher this student was "
@@ -189,7 +205,7 @@ class DistilledDecodingPipeline(DiffusionPipeline):
         a float array in [0, 1] of shape (B, H, W, 3) (``"np"``) or a tensor (B, 3, H, W) (``"pt"``)."""
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type={output_type!r}: expected 'pil', 'np' or 'pt'")
-        labels = torch.as_tensor(class_labels).reshape(-1)
+        labels = _as_labels(class_labels).reshape(-1)
         if noise is None:
             gen_device = generator.device if generator is not None else "cpu"
             noise = torch.randn((labels.shape[0], *self.noise_shape), generator=generator, device=gen_device)
@@ -209,32 +225,34 @@ class DistilledDecodingPipeline(DiffusionPipeline):
         """As ``DiffusionPipeline.from_pretrained``, after importing the modules that define the components
         (``model_index.json`` names e.g. ``distilled_decoding.student.DDVARStudent`` and
         ``distilled_decoding.tokenizers.msvq.MultiScaleVQVAE``; diffusers only loads classes from modules that are
-        already imported, and ``import distilled_decoding`` is lazy)."""
+        already imported, and ``import distilled_decoding`` is lazy).
+
+        A ``pathlib.Path``, an existing path, or a string that cannot be a Hub repo id (absolute, ``./``, more than
+        one ``/``) is a local folder: it must exist and hold a ``model_index.json`` of this pipeline."""
         import distilled_decoding.student  # noqa: F401
         import distilled_decoding.tokenizers.msvq  # noqa: F401
         import distilled_decoding.tokenizers.vq  # noqa: F401
 
+        _check_local_pipeline(pretrained_model_name_or_path, cls.__name__)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Write the pipeline (safetensors only) and a model card ``README.md``; the folder is built next to the
-        target and renamed into place, so an interrupted save leaves no half-written pipeline."""
-        import shutil
-        import tempfile
+        """Write the pipeline (safetensors only) and a model card ``README.md`` into ``save_directory``.
 
+        Only the pipeline's own files are written (``model_index.json``, ``README.md``, ``student/``,
+        ``tokenizer/``): each is staged inside the folder, then moved into place with an atomic rename (the
+        ``model_index.json`` last), so an interrupted save leaves the previous pipeline readable. Nothing else in
+        the folder is touched — saving into a job folder or into ``"."`` is safe; only files that the previous
+        save recorded in its ``model_index.json`` and this one did not write are removed."""
+        from distilled_decoding.fileio import StagedFolder
+
+        if not isinstance(save_directory, (str, os.PathLike)):
+            raise TypeError(f"save_directory: expected a folder path, got {type(save_directory).__name__}")
         kwargs.pop("safe_serialization", None)
-        target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            super().save_pretrained(tmp, safe_serialization=True, **kwargs)
-            (tmp / "README.md").write_text(self.model_card())
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        with StagedFolder(save_directory, record="model_index.json") as stage:
+            super().save_pretrained(stage.path, safe_serialization=True, **kwargs)
+            (stage.path / "README.md").write_text(self.model_card())
+            stage.commit()
 
     def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload distilled-decoding pipeline",
                     private: bool | None = None, token: str | None = None) -> str:  # fmt: skip
@@ -301,6 +319,127 @@ class DistilledDecodingPipeline(DiffusionPipeline):
         else:
             lines.append("No metrics recorded.")
         return "\n".join(lines) + "\n"
+
+
+def _check_local_pipeline(path: Any, name: str) -> None:
+    """Clear errors for a local pipeline folder that is missing or is not a pipeline folder."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"pretrained_model_name_or_path: expected a folder path or a Hub repo id, got "
+                        f"{type(path).__name__}")  # fmt: skip
+    text = os.fspath(path)
+    local = (
+        isinstance(path, os.PathLike)
+        or os.path.exists(text)
+        or os.path.isabs(text)
+        or text.startswith((".", "~"))
+        or text.count("/") > 1
+        or "\\" in text
+    )
+    if not local:
+        return
+    folder = Path(text).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"pretrained_model_name_or_path: {folder} is not a folder (no saved pipeline there)")
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{folder}: no model_index.json; not a saved {name} folder")
+    try:
+        data = json.loads(index.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{index}: not valid JSON ({e})") from e
+    if not isinstance(data, dict) or data.get("_class_name") != name:
+        found = data.get("_class_name") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{index}: describes a {found!r} pipeline, not a {name}")
+
+
+def _check_noise(noise: Any, shape: tuple[int, int]) -> None:
+    if not isinstance(noise, Tensor):
+        raise TypeError(f"noise: expected a (B, {shape[0]}, {shape[1]}) float tensor, got {type(noise).__name__}")
+    if noise.ndim == 3 and noise.shape[0] == 0:
+        raise ValueError(f"noise: empty batch, shape {tuple(noise.shape)}; expected at least one row")
+    if noise.dtype.is_floating_point and not bool(torch.isfinite(noise).all()):
+        raise ValueError("noise: contains NaN or inf values; expected finite standard normal noise")
+
+
+def _as_labels(class_labels: Any) -> Tensor:
+    """Class ids as a long tensor, refusing what is not integer ids (strings, bools, floats) by name."""
+    if isinstance(class_labels, (str, bytes)):
+        raise TypeError(f"class_labels: expected integer class ids, got a string {class_labels!r}")
+    if isinstance(class_labels, bool):
+        raise TypeError("class_labels: expected integer class ids, got a bool")
+    if isinstance(class_labels, Tensor):
+        labels = class_labels
+    else:
+        if isinstance(class_labels, Sequence):
+            for v in class_labels:
+                if isinstance(v, (bool, str, bytes)) or not (isinstance(v, int) or hasattr(v, "__index__")):
+                    raise TypeError(f"class_labels: expected integer class ids, got an element {v!r}")
+        try:
+            labels = torch.as_tensor(class_labels)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"class_labels: expected integer class ids, got {type(class_labels).__name__}") from e
+    if labels.ndim == 1 and labels.shape[0] == 0:
+        raise ValueError("class_labels: empty; expected one class id per noise row")
+    if labels.dtype == torch.bool or labels.dtype.is_floating_point or labels.is_complex():
+        raise TypeError(f"class_labels: expected integer class ids, got dtype {labels.dtype}")
+    return labels.long()
+
+
+def _pair_of_ints(value: Any, name: str) -> tuple[int, int]:
+    ok = isinstance(value, (tuple, list)) and len(value) == 2
+    ok = ok and all(not isinstance(v, bool) and isinstance(v, int) or _is_index(v) for v in value)
+    if not ok:
+        raise TypeError(f"{name}={value!r}: expected a pair of ints (T, t2)")
+    return int(value[0]), int(value[1])
+
+
+def _is_index(v: Any) -> bool:
+    if isinstance(v, (bool, float, str)) or (isinstance(v, Tensor) and (v.ndim or v.dtype.is_floating_point)):
+        return False
+    try:
+        operator.index(v)
+    except TypeError:
+        return False
+    return True
+
+
+_WEIGHTS_SHA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def weights_checksum(module: torch.nn.Module) -> tuple:
+    """A cheap exact checksum of a module's state: names, dtypes, shapes, and per tensor the wrap-around sum of its
+    raw bytes read as 64-bit words (one pass over the weights at memory speed, on their own device, and one small
+    transfer: 19 ms for GPT-B's 444 MB on 2 CPU cores, vs 370 ms for sha256). Any change of a single element
+    changes it, whether or not it went through autograd's version counter (``p.data[...] = ...``)."""
+    sd = module.state_dict()
+    sums = []
+    for t in sd.values():
+        raw = t.detach().reshape(-1).view(torch.uint8)
+        whole = raw.numel() // 8 * 8
+        try:
+            words = raw[:whole].view(torch.int64).sum()
+        except RuntimeError:  # a view whose offset is not 8-byte aligned: add its bytes instead
+            words = raw[:whole].sum(dtype=torch.int64)
+        sums.append(words + raw[whole:].sum(dtype=torch.int64) * 1_000_003)
+    values = torch.stack(sums).cpu().tolist() if sums else []
+    return tuple((k, str(t.dtype), tuple(t.shape)) for k, t in sd.items()) + tuple(values)
+
+
+def teacher_weights_sha256(teacher: torch.nn.Module) -> str:
+    """sha256 of the teacher's weights (:func:`~distilled_decoding.trajectories.teacher_fingerprint`), cached
+    per teacher object and recomputed whenever :func:`weights_checksum` changes — so a teacher whose weights
+    were edited in place after a first call (``load_state_dict``, an optimizer step, ``p.data[...] = ...``) is
+    fingerprinted again, at the cost of one reduction per call instead of hashing every byte. Not detected: a
+    permutation of whole 64-bit words within one tensor (the sum is order-free)."""
+    from distilled_decoding.trajectories import teacher_fingerprint
+
+    check = weights_checksum(teacher)
+    cached = _WEIGHTS_SHA.get(teacher)
+    if cached is None or cached[0] != check:
+        sha = teacher_fingerprint(teacher, torch.zeros(1, 1))["weights_sha256"]
+        cached = (check, sha)
+        _WEIGHTS_SHA[teacher] = cached
+    return cached[1]
 
 
 def _fmt(v: Any) -> str:

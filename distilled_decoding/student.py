@@ -73,6 +73,9 @@ def perturb(x: Tensor, n_data: Tensor, noise: Tensor) -> Tensor:
 def student_from_teacher(teacher: Any, codebook: Tensor, **kwargs: Any) -> nn.Module:
     """The student flavour for ``teacher`` (LlamaGen → :class:`DDStudent`, VAR → :class:`DDVARStudent`),
     initialised from it."""
+    if not isinstance(codebook, Tensor) or codebook.ndim != 2 or not codebook.dtype.is_floating_point:
+        got = tuple(codebook.shape) if isinstance(codebook, Tensor) else type(codebook).__name__
+        raise ValueError(f"codebook: expected a (V, D) float tensor, got {got}")
     if isinstance(teacher, LlamaGen):
         return DDStudent.from_teacher(teacher, codebook, **kwargs)
     if isinstance(teacher, VAR):
@@ -201,11 +204,11 @@ class DDStudent(_FewStepMixin, ModelMixin, ConfigMixin):
             vocab_size=vocab_size, block_size=block_size, token_dropout_p=0.0, resid_dropout_p=0.0,
             ffn_dropout_p=0.0, class_dropout_prob=0.0,
         )  # fmt: skip
-        if not 0 <= split <= block_size:
-            raise ValueError(f"split={split}: expected 0 <= split <= block_size={block_size}")
         ts = list(timesteps)
         if not ts or ts[0] != 0 or any(b <= a for a, b in zip(ts, ts[1:])) or ts[-1] >= block_size:
             raise ValueError(f"timesteps={ts}: expected increasing ints starting at 0, each < block_size={block_size}")
+        if not 0 <= split <= block_size:
+            raise ValueError(f"split={split}: expected 0 <= split <= block_size={block_size}")
         if codebook_dim < 1:
             raise ValueError(f"codebook_dim={codebook_dim}: expected a positive integer")
         self.args = cfg
@@ -243,6 +246,10 @@ class DDStudent(_FewStepMixin, ModelMixin, ConfigMixin):
         codebook vector as close as possible to the teacher's embedding of that token (DD2's continuous-input
         adaptation, closed form); ``"random"`` keeps N(0, 0.02) as the official code.
         """
+        if not isinstance(teacher, LlamaGen):
+            raise TypeError(f"teacher: expected a LlamaGen teacher, got {type(teacher).__name__}")
+        if not isinstance(codebook, Tensor):
+            raise TypeError(f"codebook: expected a (V, D) tensor, got {type(codebook).__name__}")
         a = teacher.args
         if codebook.ndim != 2 or codebook.shape[0] != a.vocab_size:
             raise ValueError(f"codebook: expected ({a.vocab_size}, D) for this teacher, got {tuple(codebook.shape)}")

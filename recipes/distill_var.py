@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from distilled_decoding.configs import command_line_errors
 from distilled_decoding.recipe import DIGITS_DEFAULTS, load_recipe_config, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--config", default=None, help="YAML file with sections teacher/trajectories/distill/evaluate")
     p.add_argument("overrides", nargs="*", help="section.field=value")
     args = p.parse_args(argv)
-    return run(load_recipe_config(args.config, args.overrides, defaults=VAR_DEFAULTS))
+    with command_line_errors(p.prog):  # a bad config: one line on stderr, exit code 2
+        return run(load_recipe_config(args.config, args.overrides, defaults=VAR_DEFAULTS))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
 from distilled_decoding.checkpoints import load_state_dict_file, load_strict
+from distilled_decoding.configs import ValidatedConfig
 
 __all__ = ["LlamaGen", "LlamaGenConfig", "LLAMAGEN_PRESETS", "LlamaGenCache"]
 
@@ -45,7 +46,7 @@ def find_multiple(n: int, k: int) -> int:
 
 
 @dataclass
-class LlamaGenConfig:
+class LlamaGenConfig(ValidatedConfig):
     """The official ``ModelArgs`` fields (c2i). ``block_size`` = number of image tokens (a square)."""
 
     dim: int = 4096
@@ -72,7 +73,7 @@ class LlamaGenConfig:
     max_batch_size: int = 32
     max_seq_len: int = 2048
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         def bad(field: str, expected: str) -> ValueError:
             return ValueError(f"LlamaGen config: {field}={getattr(self, field)!r}, expected {expected}")
 
