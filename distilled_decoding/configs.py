@@ -67,7 +67,7 @@ def _describe(hint: Any) -> str:
     if origin in (dict, Mapping) or hint in (dict, Mapping):
         return "a mapping"
     if dataclasses.is_dataclass(hint):
-        return f"a mapping of {hint.__name__} fields"
+        return f"a {hint.__name__} or a mapping of its fields"
     return {int: "an int", float: "a finite number", str: "a string", bool: "true or false"}.get(
         hint, getattr(hint, "__name__", str(hint))
     )
@@ -133,6 +133,8 @@ def _coerce(value: Any, hint: Any) -> Any:
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if isinstance(value, hint):
             return value
+        if isinstance(value, Mapping):
+            return build_config(hint, value)  # a nested section given as a mapping
         raise _Mismatch
     if isinstance(hint, type):
         if isinstance(value, hint):
@@ -155,6 +157,8 @@ def check_fields(obj: Any) -> None:
         value = getattr(obj, f.name)
         try:
             new = _coerce(value, hints[f.name])
+        except ConfigError as e:  # a nested config section
+            raise e.prefixed(f.name) from None
         except _Mismatch:
             raise ConfigError(f"{f.name}={_show(value)}: expected {_describe(hints[f.name])}") from None
         if new is not value:

@@ -207,6 +207,16 @@ class JobLockError(RuntimeError):
     """Another live job holds the folder."""
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class JobLock:
     """An exclusive lock on a job folder: ``folder/.distilled-decoding.lock`` holds ``{"pid", "host"}`` of the
     holder. A second job on the folder raises :class:`JobLockError` naming the holder's pid; a lock left by a
@@ -236,6 +246,8 @@ class JobLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 os.close(fd)
+                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    return self._acquire_by_pid()  # a file system without flock
                 if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                     raise
                 raise JobLockError(self._held_message()) from None
@@ -253,6 +265,19 @@ class JobLock:
             JobLock._held[self._key] = (fd, 1)
             return self
         raise JobLockError(f"{self.path}: could not acquire the lock (it kept changing)")
+
+    def _acquire_by_pid(self) -> JobLock:
+        """Fallback without ``flock``: the pid in the lock file decides; a dead holder's lock is taken over."""
+        try:
+            info = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            info = {}
+        pid, host = info.get("pid"), info.get("host")
+        if isinstance(pid, int) and pid != os.getpid() and (host != socket.gethostname() or _pid_alive(pid)):
+            raise JobLockError(self._held_message())
+        atomic_write_json(self.path, {"pid": os.getpid(), "host": socket.gethostname()})
+        JobLock._held[self._key] = (-1, 1)
+        return self
 
     def _held_message(self) -> str:
         try:
@@ -278,8 +303,9 @@ class JobLock:
         del JobLock._held[self._key]
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        if fd >= 0:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     def __enter__(self) -> JobLock:
         return self.acquire()

@@ -511,3 +511,24 @@ def test_student_folder_of_unknown_provenance_is_not_reused(job, saved, tmp_path
     with pytest.raises(TrainingStateError, match=r"holds checkpoints, final but no training\.json"):
         run(load_recipe_config(None, _overrides(saved, folder)))
     assert DDStudent.from_pretrained(folder / "student" / "final") is not None  # nothing was deleted
+
+
+def test_lock_without_flock_falls_back_to_the_pid(tmp_path, monkeypatch):
+    """On a file system without flock the lock file's pid decides: a live holder refuses, a dead one is replaced."""
+    import errno
+    import fcntl
+
+    def no_flock(*a):
+        raise OSError(errno.ENOLCK, "no locks")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    host = __import__("socket").gethostname()
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": os.getppid(), "host": host}))
+    with pytest.raises(JobLockError, match=rf"pid {os.getppid()}"):
+        JobLock(tmp_path).acquire()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": host}))
+    with JobLock(tmp_path):
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert not (tmp_path / LOCK_NAME).exists()
