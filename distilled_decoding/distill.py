@@ -31,6 +31,7 @@ from distilled_decoding.fileio import atomic_path, atomic_write_json, job_lock
 from distilled_decoding.manifest import json_digest, payload_digest
 from distilled_decoding.training_state import (
     CheckpointStore,
+    TrainingStateError,
     check_training_settings,
     training_settings,
     write_training_json,
@@ -201,6 +202,8 @@ def train_student(
         raise TypeError(f"cfg: expected a DistillConfig, got {type(cfg).__name__}")
     if not Path(cfg.trajectories).is_dir():  # before the lock creates output_dir
         raise TrajectoryError(f"trajectories: {cfg.trajectories} is not a folder (expected a trajectory folder)")
+    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise TrainingStateError(f"output_dir: {cfg.output_dir} exists and is not a folder")
     state = process_state()  # joins the process group (CPU too) and checks the launch
     with job_lock(cfg.output_dir, state, what="training"):
         return _train_student(cfg, teacher=teacher, codebook=codebook, student=student, decode=decode,

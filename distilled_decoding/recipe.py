@@ -236,6 +236,7 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
         raise TypeError(f"cfg: expected a RecipeConfig (see load_recipe_config), got {type(cfg).__name__}")
     state = process_state()
     out = Path(cfg.output_dir)
+    _preflight(cfg)
     evaluate_only = set(cfg.stages) <= {"evaluate"}
     if evaluate_only:
         for path, what in ((out, "the job folder"), (cfg.pipeline_dir / "model_index.json", "a saved pipeline"),
@@ -244,17 +245,36 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
                 raise ConfigError(f"output_dir: {path} does not exist ({what}); run the distillation job first")
     with job_lock(out, state, what="distillation job"):
         record = json.dumps(dataclasses.asdict(cfg), indent=2, default=str)
-        if state.is_main_process and not evaluate_only and not (out / "config.json").exists():
-            atomic_write_text(out / "config.json", record)
-        summary = _run_stages(cfg, state)
+        summary = _run_stages(cfg, state, None if evaluate_only else record)
         if state.is_main_process and not evaluate_only:
             atomic_write_text(out / "config.json", record)
         state.wait_for_everyone()
     return summary
 
 
-def _run_stages(cfg: RecipeConfig, state: Any) -> dict[str, Any]:
+def _preflight(cfg: RecipeConfig) -> None:
+    """Paths the stages need, checked before anything is written (one-line :class:`ConfigError`)."""
+    for name, value in (("output_dir", cfg.output_dir), ("distill.output_dir", cfg.distill.output_dir),
+                        ("distill.trajectories", cfg.distill.trajectories)):  # fmt: skip
+        if Path(value).exists() and not Path(value).is_dir():
+            raise ConfigError(f"{name}: {value} exists and is not a folder")
+    if not Path(cfg.teacher.model).exists():
+        raise ConfigError(f"teacher.model: {cfg.teacher.model} does not exist (a save_pretrained folder or an "
+                          "official checkpoint file)")  # fmt: skip
+    if cfg.teacher.tokenizer is not None and not Path(cfg.teacher.tokenizer).exists():
+        raise ConfigError(f"teacher.tokenizer: {cfg.teacher.tokenizer} does not exist")
+    if cfg.teacher.kind == "llamagen" and cfg.teacher.tokenizer is None:
+        raise ConfigError("teacher.tokenizer: null, but a LlamaGen teacher needs its VQ tokenizer")
+    reference = cfg.evaluate.reference
+    if "evaluate" in cfg.stages and reference != "digits" and not Path(reference).is_dir():
+        raise ConfigError(f"evaluate.reference: {reference} is not a folder of images (or 'digits')")
+
+
+def _run_stages(cfg: RecipeConfig, state: Any, record: str | None) -> dict[str, Any]:
     teacher, tokenizer = cfg.teacher.load()
+    out = Path(cfg.output_dir)
+    if record is not None and state.is_main_process and not (out / "config.json").exists():
+        atomic_write_text(out / "config.json", record)  # the job's configuration, from its start
     summary: dict[str, Any] = {"output_dir": str(cfg.output_dir)}
     student_dir = Path(cfg.distill.output_dir)
 

@@ -645,6 +645,27 @@ def test_recipe_config_errors(name):
         load_recipe_config(None, overrides)
 
 
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("teacher.model={root}/nope", r"^teacher\.model: .*nope does not exist"),
+        ("teacher.tokenizer={root}/nope", r"^teacher\.tokenizer: .*nope does not exist"),
+        ("teacher.tokenizer=null", r"^teacher\.tokenizer: null, but a LlamaGen teacher needs"),
+        ("output_dir={root}/corrupt.pt", r"^output_dir: .*corrupt\.pt exists and is not a folder"),
+        ("distill.output_dir={root}/corrupt.pt", r"^distill\.output_dir: .*corrupt\.pt exists and is not a folder"),
+        ("evaluate.reference={root}/nope", r"^evaluate\.reference: .*nope is not a folder of images"),
+    ],  # fmt: skip
+)
+def test_a_job_with_bad_paths_writes_nothing(ctx, tmp_path, override, pattern):
+    from distilled_decoding.recipe import run
+
+    out = tmp_path / "job"
+    cfg = load_recipe_config(None, [f"output_dir={out}", override.format(root=ctx.root)])
+    with pytest.raises(ConfigError, match=pattern):
+        run(cfg)
+    assert not out.exists()
+
+
 def test_recipe_config_files(ctx):
     with pytest.raises(ConfigError, match=r"^--config: .*missing\.yaml does not exist"):
         load_recipe_config(ctx.root / "missing.yaml")
