@@ -42,6 +42,8 @@ class CheckpointError(ValueError):
 
 
 def _read_file(path: Path) -> object:
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, expected a checkpoint file (.safetensors / .pt / .pth / .bin)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
@@ -123,8 +125,13 @@ def read_checkpoint(
 ) -> object:
     """The object stored in a checkpoint file (a local path or a Hub reference, see :mod:`distilled_decoding.hub`),
     read with safetensors or ``torch.load(..., weights_only=True)``."""
-    from distilled_decoding.hub import resolve_file
+    from distilled_decoding.hub import parse_reference, resolve_file
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a checkpoint file path or a Hub reference, got {type(path).__name__}")
+    if parse_reference(path) is None and not Path(path).expanduser().exists():
+        raise CheckpointError(f"checkpoint file not found: {os.fspath(path)} (a local path; Hub references are "
+                              "written <owner>/<repo>[@<revision>]/<path/in/repo>)")  # fmt: skip
     return _read_file(resolve_file(path, revision=revision, local_files_only=local_files_only))
 
 
@@ -137,6 +144,8 @@ def load_state_dict_file(
 ) -> dict[str, torch.Tensor]:
     """Read a checkpoint file in any official format (a local path or a Hub reference such as
     ``"FoundationVision/LlamaGen/c2i_B_256.pt"``) and return its ``{name: tensor}`` state dict."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a checkpoint file path or a Hub reference, got {type(path).__name__}")
     obj = read_checkpoint(path, revision=revision, local_files_only=local_files_only)
     return extract_state_dict(obj, key=key, source=os.fspath(path))
 

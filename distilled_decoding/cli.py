@@ -28,14 +28,26 @@ def _distill(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a finished job. Without ``--config`` the job's own ``config.json`` is the base (its teacher and
+    sampling settings); nothing but the evaluation outputs and the pipeline's metrics is written."""
+    from distilled_decoding.configs import ConfigError
     from distilled_decoding.recipe import load_recipe_config, run
 
+    config = args.config
     overrides = [*args.overrides, "stages=[evaluate]"]
     if args.output_dir:
-        overrides.append(f"output_dir={args.output_dir}")
-    if args.num_images:
+        out = Path(args.output_dir)
+        if not out.is_dir():
+            raise ConfigError(f"--output-dir: {out} is not a folder (expected a job folder with pipeline/ and "
+                              "trajectories/)")  # fmt: skip
+        if config is None and (out / "config.json").is_file():
+            config = out / "config.json"
+        overrides.append(f"output_dir={json.dumps(str(out))}")
+    if args.num_images is not None:
+        if args.num_images < 1:
+            raise ConfigError(f"--num-images={args.num_images}: expected an int >= 1")
         overrides.append(f"evaluate.num_images={args.num_images}")
-    run(load_recipe_config(args.config, overrides))
+    run(load_recipe_config(config, overrides))
     return 0
 
 
@@ -43,6 +55,7 @@ def _bench(args: argparse.Namespace) -> int:
     import torch
 
     from distilled_decoding import VQTokenizer, bench
+    from distilled_decoding.configs import ConfigError
     from distilled_decoding.recipe import TeacherConfig
 
     if args.suite or args.quick:
@@ -58,8 +71,16 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     what = {w.strip() for w in args.what.split(",") if w.strip()}
     unknown = what - {"sampler", "trajectories", "pipeline"}
-    if unknown:
-        raise SystemExit(f"--what: unknown {sorted(unknown)}; expected sampler, trajectories, pipeline")
+    if unknown or not what:
+        raise ConfigError(f"--what: unknown {sorted(unknown)}; expected some of sampler, trajectories, pipeline")
+    for name in ("batch_sizes", "gpt_b_batch_sizes"):
+        if any(b < 1 for b in getattr(args, name)):
+            raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected ints >= 1")
+    if args.threads < 0:
+        raise ConfigError(f"--threads={args.threads}: expected an int >= 0 (0: torch's default)")
+    pdir = Path(args.pipeline)
+    if "pipeline" in what and not (pdir / "model_index.json").is_file():
+        raise ConfigError(f"--pipeline: {pdir} holds no pipeline; run `accelerate launch recipes/distill_llamagen.py`")
     if args.threads:
         torch.set_num_threads(args.threads)
     out: dict[str, Any] = {"env": bench.environment()}
@@ -86,11 +107,6 @@ def _bench(args: argparse.Namespace) -> int:
     if "pipeline" in what:
         from distilled_decoding.pipeline import DistilledDecodingPipeline
 
-        pdir = Path(args.pipeline)
-        if not (pdir / "model_index.json").is_file():
-            raise SystemExit(
-                f"--pipeline: {pdir} holds no pipeline; run `accelerate launch recipes/distill_llamagen.py`"
-            )
         pipe = DistilledDecodingPipeline.from_pretrained(pdir)
         pipe.set_progress_bar_config(disable=True)
         out["pipeline_default"] = bench.bench_pipeline(pipe, default_gpt, tuple(args.batch_sizes))
@@ -105,8 +121,9 @@ def _bench(args: argparse.Namespace) -> int:
             out["pipeline_gpt_b"] = bench.bench_pipeline(gpt_pipe, gpt, tuple(args.gpt_b_batch_sizes), repeat=2)
             _show("pipeline (GPT-B shape, VQ-16 decode)", out["pipeline_gpt_b"])
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=2))
+        from distilled_decoding.fileio import atomic_write_json
+
+        atomic_write_json(args.out, out)
         print(f"wrote {args.out}")
     return 0
 
@@ -164,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", default=None, help="write the results as JSON here")
     b.set_defaults(fn=_bench)
     args = p.parse_args(argv)
-    return args.fn(args)
+    from distilled_decoding.configs import command_line_errors
+
+    with command_line_errors(p.prog):
+        return args.fn(args)
 
 
 if __name__ == "__main__":

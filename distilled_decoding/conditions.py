@@ -160,26 +160,35 @@ class ClassCondition:
     name: str = "class_labels"
 
     def check(self, value: Any, batch: int | None = None, name: str | None = None) -> Tensor:
+        """Class ids as a (B,) long tensor (a tensor, or a list of ints); TypeError for Python values that are not
+        integer ids (strings, bools, floats, text), ValueError for a tensor of another dtype, a wrong count, an empty
+        batch or ids out of range."""
         name = name or self.name
+        rows = "B" if batch is None else batch
         if isinstance(value, TextCondition):
-            raise ValueError(
-                f"{name}: this model is class-conditional and takes class ids, a ({'B' if batch is None else batch},) "
-                f"integer tensor; got {describe_value(value)} (prompts need a text-conditional model)"
+            raise TypeError(
+                f"{name}: this model is class-conditional and takes class ids, a ({rows},) integer tensor; got "
+                f"{describe_value(value)} (prompts need a text-conditional model)"
             )
+        if isinstance(value, (str, bytes)):
+            raise TypeError(f"{name}: expected integer class ids, got a string {value!r}")
+        if isinstance(value, bool):
+            raise TypeError(f"{name}: expected integer class ids, got a bool")
         if isinstance(value, Tensor):
             t = value
-        elif isinstance(value, (list, tuple)) and all(type(v) is int for v in value):
-            t = torch.tensor(value, dtype=torch.long)
+        elif isinstance(value, (list, tuple)):
+            bad = next((v for v in value if isinstance(v, bool) or not isinstance(v, int)), None)
+            if bad is not None:
+                raise TypeError(f"{name}: expected integer class ids, got an element {bad!r}")
+            t = torch.tensor(list(value), dtype=torch.long)
         else:
-            raise ValueError(
-                f"{name}: expected a ({'B' if batch is None else batch},) integer tensor of class ids, "
-                f"got {describe_value(value)}"
-            )
-        expected = f"({'B' if batch is None else batch},) integer tensor of class ids"
-        if t.ndim != 1 or (batch is not None and t.shape[0] != batch) or t.shape[0] == 0:
-            raise ValueError(f"{name}: expected a {expected}, got shape {tuple(t.shape)}")
+            raise TypeError(f"{name}: expected a ({rows},) integer tensor of class ids, got {describe_value(value)}")
         if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
             raise ValueError(f"{name}: expected an integer dtype (torch.long), got {t.dtype}")
+        if t.ndim == 1 and t.shape[0] == 0:
+            raise ValueError(f"{name}: empty; expected one class id per row")
+        if t.ndim != 1 or (batch is not None and t.shape[0] != batch):
+            raise ValueError(f"{name}: expected a ({rows},) integer tensor of class ids, got shape {tuple(t.shape)}")
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= self.num_classes:
             raise ValueError(

@@ -1,9 +1,10 @@
 """Distillation training with Hugging Face Accelerate: noise → tokens, one forward pass.
 
 :func:`train_student` trains the teacher family's student (:mod:`distilled_decoding.students`) on a trajectory
-folder with the losses of :mod:`distilled_decoding.losses`.
+folder with the weighted losses of :mod:`distilled_decoding.losses`.
 Accelerate does devices, processes (``accelerate launch``), mixed precision, gradient accumulation and
-checkpoints (``save_state`` / ``load_state``, the last ``keep_last`` kept, the latest resumed automatically);
+checkpoints (JSON + safetensors, no pickle: :mod:`distilled_decoding.training_state`; the last ``keep_last``
+kept, the latest resumed automatically);
 diffusers provides EMA and the warmup + cosine schedule.
 
 Determinism: the data order (a fresh permutation per epoch, seeded by (seed, epoch)) and the timesteps of each
@@ -15,10 +16,7 @@ uninterrupted one, and two processes train the same model as one with the same g
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import re
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,15 +27,26 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from distilled_decoding.trajectories import TrajectoryDataset
+from distilled_decoding.configs import ValidatedConfig, build_config, parse_overrides, read_config_file
+from distilled_decoding.fileio import atomic_path, atomic_write_json, job_lock
+from distilled_decoding.manifest import json_digest, payload_digest
+from distilled_decoding.training_state import (
+    CheckpointStore,
+    TrainingStateError,
+    check_training_settings,
+    training_settings,
+    write_training_json,
+)
+from distilled_decoding.trajectories import TrajectoryDataset, TrajectoryError
 
 __all__ = ["DistillConfig", "train_student", "load_config", "latest_checkpoint"]
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(ValidatedConfig):
     """Training settings. ``batch_size`` is the global batch per micro-step (split across processes);
-    the optimiser sees ``batch_size × grad_accum`` samples per step."""
+    the optimiser sees ``batch_size × grad_accum`` samples per step. Every field is type-checked when the config
+    is made (:class:`~distilled_decoding.configs.ValidatedConfig`)."""
 
     trajectories: str = "runs/digits/trajectories"
     output_dir: str = "runs/digits/student"
@@ -72,59 +81,61 @@ class DistillConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from distilled_decoding.configs import ConfigError
         from distilled_decoding.losses import LOSSES
 
-        given = self.loss
-        if isinstance(self.loss, str):  # "ce+mse" → {"ce": 1.0, "mse": 1.0}
-            self.loss = {name.strip(): 1.0 for name in self.loss.split("+")}
-        if (
-            not isinstance(self.loss, dict)
-            or not self.loss
-            or set(self.loss) - set(LOSSES)
-            or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 for w in self.loss.values())
-        ):
-            raise ValueError(
-                f"loss={given!r}: expected weights of some of {sorted(LOSSES)}, e.g. {{ce: 1.0, mse: 1.0}} "
-                "(or the shorthand 'ce+mse')"
-            )
-        self.loss = {k: float(v) for k, v in self.loss.items()}
-        for name in ("batch_size", "grad_accum", "max_steps", "keep_last"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive integer")
-        for name in ("warmup_steps", "save_every", "log_every", "sample_every", "num_workers"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)!r}: expected an integer >= 0")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr!r}: expected > 0")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay={self.ema_decay!r}: expected a number in [0, 1)")
-        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision={self.mixed_precision!r}: expected None, 'no', 'bf16' or 'fp16'")
-        if self.timesteps is not None:
-            self.timesteps = tuple(int(t) for t in self.timesteps)
-        self.betas = tuple(float(b) for b in self.betas)
+        if isinstance(self.loss, str):  # the shorthand "ce+mse" → {"ce": 1.0, "mse": 1.0}
+            names = [name.strip() for name in self.loss.split("+")]
+            if not all(n in LOSSES for n in names):
+                raise ConfigError(f"loss={self.loss!r}: expected weights of some of {sorted(LOSSES)}, e.g. "
+                                  "{ce: 1.0, mse: 1.0}, or the shorthand 'ce+mse'")  # fmt: skip
+            self.loss = dict.fromkeys(names, 1.0)
+        super().__post_init__()
+
+    def validate(self) -> None:
+        from distilled_decoding.losses import LOSSES
+
+        req = self.require
+        req(bool(self.loss) and set(self.loss) <= set(LOSSES) and all(w >= 0 for w in self.loss.values()), "loss",
+            self.loss, f"weights >= 0 of some of {sorted(LOSSES)}, e.g. {{ce: 1.0, mse: 1.0}} (or the shorthand "
+            "'ce+mse')")  # fmt: skip
+        for name in ("batch_size", "grad_accum", "max_steps", "keep_last", "sample_count"):
+            req(getattr(self, name) >= 1, name, getattr(self, name), "a positive integer")
+        for name in ("warmup_steps", "save_every", "log_every", "sample_every", "num_workers", "seed"):
+            req(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
+        req(self.lr > 0, "lr", self.lr, "a number > 0")
+        for name in ("weight_decay", "clip_grad"):
+            req(getattr(self, name) >= 0, name, getattr(self, name), "a number >= 0")
+        req(all(0.0 <= b < 1.0 for b in self.betas), "betas", self.betas, "two numbers in [0, 1)")
+        req(0.0 <= self.ema_decay < 1.0, "ema_decay", self.ema_decay, "a number in [0, 1)")
+        req(self.mixed_precision in (None, "no", "bf16", "fp16"), "mixed_precision", self.mixed_precision,
+            "null, 'no', 'bf16' or 'fp16'")  # fmt: skip
+        req(
+            self.init_input in ("lstsq", "random", "copy"),
+            "init_input",
+            self.init_input,
+            "'lstsq', 'random' or 'copy' (VAR)",
+        )
+        req(self.lr_schedule in LR_SCHEDULES, "lr_schedule", self.lr_schedule, f"one of {LR_SCHEDULES}")
+        ts = self.timesteps
+        req(ts is None or (len(ts) >= 1 and ts[0] == 0 and all(a < b for a, b in zip(ts, ts[1:]))), "timesteps", ts,
+            "null or increasing ints starting at 0, e.g. [0, 80]")  # fmt: skip
+        req(self.split is None or self.split >= 0, "split", self.split, "null or an int >= 0")
+        req(bool(self.trajectories), "trajectories", self.trajectories, "a folder path")
+        req(bool(self.output_dir), "output_dir", self.output_dir, "a folder path")
+
+
+LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), **defaults: Any) -> DistillConfig:
-    """A :class:`DistillConfig` from ``defaults``, then a YAML file, then ``key=value`` overrides (YAML values)."""
-    import yaml
-
+    """A :class:`DistillConfig` from ``defaults``, then a YAML file, then ``key=value`` overrides (YAML values);
+    every problem is a :class:`~distilled_decoding.configs.ConfigError` naming the field."""
     values: dict[str, Any] = dict(defaults)
     if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of config fields")
-        values.update(data)
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r}: expected key=value")
-        key, raw = item.split("=", 1)
-        values[key.strip().lstrip("-").replace("-", "_")] = yaml.safe_load(raw)
-    names = {f.name for f in dataclasses.fields(DistillConfig)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown config field(s) {unknown}; expected some of {sorted(names)}")
-    return DistillConfig(**values)
+        values.update(read_config_file(path))
+    parse_overrides(overrides, values)
+    return build_config(DistillConfig, values)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -165,28 +176,10 @@ class _Counter:
         self.step = 0
         self.micro = 0
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "micro": self.micro}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step, self.micro = int(state["step"]), int(state["micro"])
-
-
-COMPLETE = "COMPLETE"
-
-
-def _checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    root = Path(output_dir) / "checkpoints"
-    found = [
-        (int(m.group(1)), p) for p in root.glob("checkpoint_*") if (m := re.fullmatch(r"checkpoint_(\d+)", p.name))
-    ]
-    return sorted(found)
-
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete ``checkpoints/checkpoint_<n>`` folder (Accelerate ``save_state`` + our marker)."""
-    complete = [p for _, p in _checkpoints(output_dir) if (p / COMPLETE).exists()]
-    return complete[-1] if complete else None
+    """The newest complete ``checkpoints/checkpoint_<n>`` folder (see :mod:`distilled_decoding.training_state`)."""
+    return CheckpointStore(Path(output_dir) / "checkpoints", keep_last=1, settings_digest="").latest()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -203,34 +196,51 @@ def train_student(
 ) -> torch.nn.Module:
     """Train a student on ``cfg.trajectories`` and return it (unwrapped, with the EMA weights, on CPU).
 
+    ``cfg.output_dir`` is one job's folder: it is locked while training (a second job refuses, naming the
+    holder's pid), its ``training.json`` records the settings the student is trained with, and a run with other
+    settings (loss, lr, seed, split, timesteps, trajectories, teacher, ...) is refused with the differences
+    listed — it never resumes, reuses or relabels a student trained otherwise (use a fresh ``output_dir``).
+    Checkpoints are JSON + safetensors (:mod:`distilled_decoding.training_state`): nothing is unpickled.
+
     Args:
         teacher, codebook: the teacher the trajectories were built with and its tokenizer codebook; the student
-            is initialised from them (:meth:`DDStudent.from_teacher`) unless ``student`` is given. The teacher's
+            is initialised from them (the family's ``from_teacher``) unless ``student`` is given. The teacher's
             fingerprint must match the trajectory folder's.
         decode: vectors (B, N, D) → images (B, 3, H, W) in [-1, 1] (frozen tokenizer decoder), for sample grids
             and the ``image`` loss.
         image_loss: (predicted images, target images) → scalar, for the ``image`` loss (default: pixel MSE).
     """
+    from distilled_decoding.distributed import process_state
+
+    if not isinstance(cfg, DistillConfig):
+        raise TypeError(f"cfg: expected a DistillConfig, got {type(cfg).__name__}")
+    if not Path(cfg.trajectories).is_dir():  # before the lock creates output_dir
+        raise TrajectoryError(f"trajectories: {cfg.trajectories} is not a folder (expected a trajectory folder)")
+    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise TrainingStateError(f"output_dir: {cfg.output_dir} exists and is not a folder")
+    state = process_state()  # joins the process group (CPU too) and checks the launch
+    with job_lock(cfg.output_dir, state, what="training"):
+        return _train_student(cfg, teacher=teacher, codebook=codebook, student=student, decode=decode,
+                              image_loss=image_loss)  # fmt: skip
+
+
+def _train_student(cfg, *, teacher, codebook, student, decode, image_loss) -> torch.nn.Module:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    from distilled_decoding.distributed import process_state
     from distilled_decoding.losses import CONTINUOUS_LOSSES, LossContext, distillation_losses
     from distilled_decoding.provenance import teacher_fingerprint
     from distilled_decoding.students import student_from_teacher
 
-    process_state()  # joins the process group (CPU too) and checks the launch
     out = Path(cfg.output_dir)
     mp = cfg.mixed_precision or ("bf16" if torch.cuda.is_available() else "no")
     acc = Accelerator(
         mixed_precision=mp,
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=_trackers(cfg.log_with),
-        project_config=ProjectConfiguration(
-            project_dir=str(out), automatic_checkpoint_naming=True, total_limit=cfg.keep_last
-        ),
+        project_config=ProjectConfiguration(project_dir=str(out)),
         dataloader_config=DataLoaderConfiguration(split_batches=True),
         step_scheduler_with_optimizer=False,
     )
@@ -239,6 +249,7 @@ def train_student(
     set_seed(cfg.seed)
     ds = TrajectoryDataset(cfg.trajectories)
 
+    given_sha256 = None if student is None else payload_digest(student.state_dict())
     continuous_head = bool(set(cfg.loss) & CONTINUOUS_LOSSES)
     if student is None:
         if teacher is None or codebook is None:
@@ -265,6 +276,14 @@ def train_student(
             f"{cfg.trajectories}: pairs of {ds.seq_len} tokens × {ds.codebook_dim} dims do not fit the student "
             f"(N={student.seq_len}, D={student.config.codebook_dim})"
         )
+    # the settings this student is trained with: a folder trained otherwise is refused, never mixed
+    settings = training_settings(cfg, ds, student, mp, given_sha256)
+    trained_before = check_training_settings(out, settings)
+    acc.wait_for_everyone()
+    if acc.is_main_process and not trained_before:
+        write_training_json(out, settings)
+    store = CheckpointStore(out / "checkpoints", keep_last=cfg.keep_last, settings_digest=json_digest(settings))
+
     timesteps = torch.tensor(student.config.timesteps)
     student.train()
     ema = EMAModel(student.parameters(), decay=cfg.ema_decay, foreach=False)
@@ -273,17 +292,14 @@ def train_student(
     counter = _Counter()
     student, opt, sched = acc.prepare(student, opt, sched)
     ema.to(acc.device)
-    acc.register_for_checkpointing(counter, ema)
+    states = {"model": student, "optimizer": opt, "scheduler": sched, "ema": ema, "counter": counter}
 
-    resume = latest_checkpoint(out)
-    if acc.is_main_process:  # a checkpoint cut short by a kill has no marker: drop it
-        for _, p in _checkpoints(out):
-            if not (p / COMPLETE).exists():
-                shutil.rmtree(p)
+    if acc.is_main_process:  # a checkpoint cut short by a kill is incomplete: drop it
+        store.drop_incomplete()
     acc.wait_for_everyone()
+    resume = store.latest()
     if resume is not None:
-        acc.load_state(str(resume))
-        acc.project_configuration.iteration = int(resume.name.split("_")[1]) + 1
+        store.load(resume, acc, **states)
         acc.print(f"resumed from {resume} at step {counter.step}")
     start_step = counter.step
 
@@ -325,12 +341,12 @@ def train_student(
         if cfg.log_with and counter.step % max(cfg.log_every, 1) == 0:
             acc.log(logs, step=counter.step)
         if cfg.save_every and counter.step % cfg.save_every == 0 and counter.step < cfg.max_steps:
-            _save(acc)
+            store.save(acc, **states)
         if fixed is not None and counter.step % cfg.sample_every == 0 and acc.is_main_process:
             _save_grid(acc.unwrap_model(student), ema, fixed, decode, out / "samples" / f"step_{counter.step:06d}.png")
     bar.close()
     if counter.step > start_step:
-        _save(acc)
+        store.save(acc, **states)
     acc.wait_for_everyone()
     final = acc.unwrap_model(student)
     ema.copy_to(final.parameters())
@@ -338,18 +354,11 @@ def train_student(
     if acc.is_main_process:
         elapsed = time.perf_counter() - t_start
         summary = {"steps": counter.step, "seconds": round(elapsed, 2), **{k: round(v, 6) for k, v in logs.items()}}
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_json(out / "train_summary.json", summary)
         acc.print(f"distillation: {counter.step} steps; last losses {summary}")
     for tracker in acc.trackers:  # not acc.end_training(): that would tear down the caller's process group
         tracker.finish()
     return final
-
-
-def _save(acc: Any) -> None:
-    path = Path(acc.save_state())
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        (path / COMPLETE).touch()
 
 
 def _fixed_samples(ds: TrajectoryDataset, n: int) -> dict[str, Tensor]:
@@ -372,9 +381,9 @@ def _save_grid(student, ema, fixed, decode, path: Path) -> None:
         rows.append(decode(student.sample(noise, labels, steps)[0]))
     ema.restore(student.parameters())
     student.train(was)
-    path.parent.mkdir(parents=True, exist_ok=True)
     grid = torch.cat(rows).clamp(-1, 1).add(1).div(2).float().cpu()
-    save_image(grid, str(path), nrow=noise.shape[0])
+    with atomic_path(path) as tmp:
+        save_image(grid, str(tmp), nrow=noise.shape[0], format="png")
 
 
 def _trackers(log_with: str | None) -> Any:

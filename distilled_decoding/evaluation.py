@@ -12,7 +12,6 @@ network calls ("steps"), images/s at the evaluation batch size and the speedup o
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from distilled_decoding.fileio import atomic_path, atomic_write_json, atomic_write_text
 from distilled_decoding.samplers import OneStepStar, RefinedSampler, Sampler, SkipN, TeacherSampler, marginals
 
 __all__ = ["standard_samplers", "evaluate_pipeline", "evaluate_job", "format_table", "save_grid"]
@@ -159,8 +159,8 @@ def save_grid(images: dict[str, Tensor], labels: Tensor, path: str | Path, rows:
 
     cols = [int((labels == c).nonzero()[0]) for c in range(min(columns, int(labels.max()) + 1))]
     grid = torch.cat([images[r][cols] for r in rows]).float() / 255.0
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, str(path), nrow=len(cols), padding=2, pad_value=1.0)
+    with atomic_path(path) as tmp:
+        save_image(grid, str(tmp), nrow=len(cols), padding=2, pad_value=1.0, format="png")
 
 
 def evaluate_job(cfg: Any, teacher: Any, vq: Any) -> dict[str, Any]:
@@ -207,10 +207,10 @@ def evaluate_job(cfg: Any, teacher: Any, vq: Any) -> dict[str, Any]:
         "settings": result["settings"],
         "grid": str(out / "samples_grid.png"),
     }
-    (out / "evaluation.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json(out / "evaluation.json", report)
     pipe.register_to_config(info={**pipe.info, "metrics": rows})  # shown in the model card
     pipe.save_pretrained(cfg.pipeline_dir)
-    (out / "evaluation.md").write_text(table + "\n")
+    atomic_write_text(out / "evaluation.md", table + "\n")
     print(table)
     print(f"sample grid (columns: classes; rows: {', '.join(grid_rows)}): {out / 'samples_grid.png'}")
     return report

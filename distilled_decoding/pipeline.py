@@ -4,6 +4,7 @@
 
     dd = DistilledDecodingPipeline.from_pretrained(repo_id_or_dir)
     images = dd.generate(noise, class_labels, steps=1)           # (B, 3, H, W) float in [0, 1]
+    images = dd.generate(noise, steps=1, generator=g)            # classes drawn uniformly with g
     images = dd.generate(noise, class_labels, steps=2)
     images = dd.generate(noise, class_labels, steps=2, teacher=gpt, teacher_tokens=(60, 80))   # refined
     out = dd(class_labels=[3, 7], num_inference_steps=1, generator=g)   # ImagePipelineOutput, .images = PIL
@@ -14,7 +15,9 @@ noise; ``teacher_sampling="random"`` reproduces the official variant, which samp
 then one student step at t₂. Steps: 1 + (t₂ − T) + 1 (no first step when T = 0).
 
 Saved with ``save_pretrained`` as ``model_index.json`` + ``student/`` + ``tokenizer/`` (safetensors only) and a
-generated model card; ``from_pretrained`` takes a folder or a Hub repo id (offline from the HF cache too).
+generated model card — only those files are written, each atomically, nothing else in the folder is touched;
+``from_pretrained`` takes a folder or a Hub repo id (offline from the HF cache too). A teacher passed for
+refinement must have the weights the student was distilled from (sha256, re-checked when the weights change).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from torch import Tensor
+
+from distilled_decoding.provenance import teacher_weights_sha256
 
 __all__ = ["DistilledDecodingPipeline"]
 
@@ -99,7 +104,7 @@ class DistilledDecodingPipeline(DiffusionPipeline):
     def generate(
         self,
         noise: Tensor,
-        class_labels: Tensor | Sequence[int],
+        class_labels: Tensor | Sequence[int] | None = None,
         steps: int = 1,
         *,
         teacher: Any = None,
@@ -107,25 +112,42 @@ class DistilledDecodingPipeline(DiffusionPipeline):
         teacher_sampling: str = "flow",
         generator: torch.Generator | None = None,
         return_tokens: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+        return_labels: bool = False,
+    ) -> Tensor | tuple[Tensor, ...]:
         """noise (B, N, D) standard normal, class_labels (B,) → images (B, 3, H, W) float in [0, 1].
 
+        ``class_labels`` omitted (None): B classes drawn uniformly from [0, num_classes) with ``generator``
+        (``torch.randint`` on the generator's device, the CPU when None), so ``generate(noise, steps=1)`` works
+        and is reproducible with a seeded generator; ``return_labels=True`` returns them.
         ``steps=1`` samples at t = 0; ``steps=2`` at the student's timesteps (e.g. (0, 80)). With ``teacher`` and
         ``teacher_tokens=(T, t2)`` the teacher regenerates tokens T..t2−1 between the two student steps
         (``teacher_sampling="flow"``: through the flow map with the same noise; ``"random"``: multinomial with
-        ``generator``). ``return_tokens=True`` also returns the final tokens (B, N).
+        ``generator``). Returns ``images``, then the final tokens (B, N) if ``return_tokens``, then the labels
+        (B,) if ``return_labels``.
         """
         student = self.student
         device = student.codebook.device
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+        _check_noise(noise, self.noise_shape)
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise TypeError(f"steps={steps!r}: expected an int (1 or {len(student.config.timesteps)})")
+        if teacher_sampling not in ("flow", "random"):
+            raise ValueError(f"teacher_sampling={teacher_sampling!r}: expected 'flow' or 'random'")
+        if class_labels is None:
+            class_labels = student.condition.draw(noise.shape[0], generator)
         labels = student.check_inputs(noise, class_labels).to(device)
         noise = noise.to(device=device, dtype=student.codebook.dtype)
         sampler = self.sampler(steps, teacher=teacher, teacher_tokens=teacher_tokens,
                                teacher_sampling=teacher_sampling, generator=generator)  # fmt: skip
         vectors, tokens = sampler(noise, labels)
         images = self.decode(vectors)
-        return (images, tokens) if return_tokens else images
+        out = (images, *((tokens,) if return_tokens else ()), *((labels,) if return_labels else ()))
+        return out if len(out) > 1 else images
 
     def _check_teacher(self, teacher: Any) -> None:
+        if not isinstance(teacher, torch.nn.Module):
+            raise TypeError(f"teacher: expected the teacher model (an nn.Module), got {type(teacher).__name__}")
         s = self.student
         want = {"vocab_size": s.config.vocab_size, "seq_len": s.seq_len, "num_classes": s.num_classes}
         got = {k: getattr(teacher, k, None) for k in want}
@@ -134,12 +156,7 @@ class DistilledDecodingPipeline(DiffusionPipeline):
             raise ValueError(f"teacher: does not match the student it would refine: {diff}")
         expected = (self.info.get("teacher") or {}).get("weights_sha256")
         if expected:
-            from distilled_decoding.provenance import teacher_fingerprint
-
-            cached = getattr(teacher, "_dd_fingerprint", None)
-            if cached is None:
-                cached = teacher_fingerprint(teacher, self.student.codebook)["weights_sha256"]
-                teacher._dd_fingerprint = cached
+            cached = teacher_weights_sha256(teacher)
             if cached != expected:
                 raise ValueError(
                     f"teacher: its weights (sha256 {cached[:12]}) are not those of the teacher this student was "
@@ -172,7 +189,7 @@ class DistilledDecodingPipeline(DiffusionPipeline):
         a float array in [0, 1] of shape (B, H, W, 3) (``"np"``) or a tensor (B, 3, H, W) (``"pt"``)."""
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type={output_type!r}: expected 'pil', 'np' or 'pt'")
-        labels = torch.as_tensor(class_labels).reshape(-1)
+        labels = self.student.condition.check(class_labels)
         if noise is None:
             gen_device = generator.device if generator is not None else "cpu"
             noise = torch.randn((labels.shape[0], *self.noise_shape), generator=generator, device=gen_device)
@@ -192,11 +209,15 @@ class DistilledDecodingPipeline(DiffusionPipeline):
         """As ``DiffusionPipeline.from_pretrained``, after importing the modules that define the components
         (``model_index.json`` names e.g. ``distilled_decoding.students.var.DDVARStudent`` and
         ``distilled_decoding.tokenizers.msvq.MultiScaleVQVAE``; diffusers only loads classes from modules that are
-        already imported, and ``import distilled_decoding`` is lazy)."""
+        already imported, and ``import distilled_decoding`` is lazy).
+
+        A ``pathlib.Path``, an existing path, or a string that cannot be a Hub repo id (absolute, ``./``, more than
+        one ``/``) is a local folder: it must exist and hold a ``model_index.json`` of this pipeline."""
         import distilled_decoding.students  # noqa: F401
         import distilled_decoding.tokenizers.msvq  # noqa: F401
         import distilled_decoding.tokenizers.vq  # noqa: F401
 
+        _check_local_pipeline(pretrained_model_name_or_path, cls.__name__)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
@@ -208,24 +229,22 @@ class DistilledDecodingPipeline(DiffusionPipeline):
         return load_release(release, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Write the pipeline (safetensors only) and a model card ``README.md``; the folder is built next to the
-        target and renamed into place, so an interrupted save leaves no half-written pipeline."""
-        import shutil
-        import tempfile
+        """Write the pipeline (safetensors only) and a model card ``README.md`` into ``save_directory``.
 
+        Only the pipeline's own files are written (``model_index.json``, ``README.md``, ``student/``,
+        ``tokenizer/``): each is staged inside the folder, then moved into place with an atomic rename (the
+        ``model_index.json`` last), so an interrupted save leaves the previous pipeline readable. Nothing else in
+        the folder is touched — saving into a job folder or into ``"."`` is safe; only files that the previous
+        save recorded in its ``model_index.json`` and this one did not write are removed."""
+        from distilled_decoding.fileio import StagedFolder
+
+        if not isinstance(save_directory, (str, os.PathLike)):
+            raise TypeError(f"save_directory: expected a folder path, got {type(save_directory).__name__}")
         kwargs.pop("safe_serialization", None)
-        target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            super().save_pretrained(tmp, safe_serialization=True, **kwargs)
-            (tmp / "README.md").write_text(self.model_card())
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        with StagedFolder(save_directory, record="model_index.json") as stage:
+            super().save_pretrained(stage.path, safe_serialization=True, **kwargs)
+            (stage.path / "README.md").write_text(self.model_card())
+            stage.commit()
 
     def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload distilled-decoding pipeline",
                     private: bool | None = None, token: str | None = None) -> str:  # fmt: skip
@@ -292,6 +311,46 @@ class DistilledDecodingPipeline(DiffusionPipeline):
         else:
             lines.append("No metrics recorded.")
         return "\n".join(lines) + "\n"
+
+
+def _check_local_pipeline(path: Any, name: str) -> None:
+    """Clear errors for a local pipeline folder that is missing or is not a pipeline folder."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"pretrained_model_name_or_path: expected a folder path or a Hub repo id, got "
+                        f"{type(path).__name__}")  # fmt: skip
+    text = os.fspath(path)
+    local = (
+        isinstance(path, os.PathLike)
+        or os.path.exists(text)
+        or os.path.isabs(text)
+        or text.startswith((".", "~"))
+        or text.count("/") > 1
+        or "\\" in text
+    )
+    if not local:
+        return
+    folder = Path(text).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"pretrained_model_name_or_path: {folder} is not a folder (no saved pipeline there)")
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{folder}: no model_index.json; not a saved {name} folder")
+    try:
+        data = json.loads(index.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{index}: not valid JSON ({e})") from e
+    if not isinstance(data, dict) or data.get("_class_name") != name:
+        found = data.get("_class_name") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{index}: describes a {found!r} pipeline, not a {name}")
+
+
+def _check_noise(noise: Any, shape: tuple[int, int]) -> None:
+    if not isinstance(noise, Tensor):
+        raise TypeError(f"noise: expected a (B, {shape[0]}, {shape[1]}) float tensor, got {type(noise).__name__}")
+    if noise.ndim == 3 and noise.shape[0] == 0:
+        raise ValueError(f"noise: empty batch, shape {tuple(noise.shape)}; expected at least one row")
+    if noise.dtype.is_floating_point and not bool(torch.isfinite(noise).all()):
+        raise ValueError("noise: contains NaN or inf values; expected finite standard normal noise")
 
 
 def _fmt(v: Any) -> str:

@@ -23,7 +23,24 @@ from typing import Any
 
 import torch
 
+from distilled_decoding.configs import (
+    ConfigError,
+    ValidatedConfig,
+    build_config,
+    merge,
+    parse_overrides,
+    read_config_file,
+)
 from distilled_decoding.distill import DistillConfig
+from distilled_decoding.fileio import atomic_write_text
+from distilled_decoding.hub import is_hub_reference
+from distilled_decoding.training_state import (
+    TrainingStateError,
+    check_training_settings,
+    read_training_settings,
+    save_student,
+    training_settings,
+)
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -39,10 +56,11 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("trajectories", "train", "save", "evaluate")
 #: the embedded default job (``recipes/distill_llamagen.py`` without ``--config``)
 DEFAULT_CONFIG = ROOT / "recipes" / "configs" / "digits_llamagen.yaml"
+FEATURE_EXTRACTORS = ("digits-cnn", "inception", "inception-v3-compat")
 
 
 @dataclass
-class TeacherConfig:
+class TeacherConfig(ValidatedConfig):
     """Where the teacher comes from: ``save_pretrained`` folders or official files, for a registered family
     (:func:`distilled_decoding.teachers.families`).
 
@@ -61,20 +79,19 @@ class TeacherConfig:
     block_size: int | None = None
     dtype: str = "float32"
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         from distilled_decoding.teachers import families
 
-        if self.kind not in families():
-            raise ValueError(f"teacher.kind={self.kind!r}: expected one of {sorted(families())}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"teacher.dtype={self.dtype!r}: expected 'float32' or 'bfloat16'")
+        self.require(self.kind in families(), "kind", self.kind, f"one of {sorted(families())}")
+        self.require(self.dtype in ("float32", "bfloat16"), "dtype", self.dtype, "'float32' or 'bfloat16'")
+        self.require(self.block_size is None or self.block_size >= 1, "block_size", self.block_size, "null or >= 1")
         embedded = families()[self.kind].embedded
         if self.model is None and embedded:
             self.model = str(ROOT / embedded[0])
             if self.tokenizer is None and embedded[1] is not None:
                 self.tokenizer = str(ROOT / embedded[1])
-        if self.model is None:
-            raise ValueError(f"teacher.model: required for kind={self.kind!r} (no embedded default)")
+        self.require(bool(self.model), "model", self.model, f"a file or folder path (kind {self.kind!r} has no "
+                     "embedded default)")  # fmt: skip
 
     def load(self) -> tuple[Any, Any]:
         from distilled_decoding.teachers import load_teacher
@@ -86,7 +103,7 @@ class TeacherConfig:
 
 
 @dataclass
-class TrajectoryConfig:
+class TrajectoryConfig(ValidatedConfig):
     """The teacher's sampling settings to distil and the size of the pair set."""
 
     num_samples: int = 20000
@@ -100,13 +117,24 @@ class TrajectoryConfig:
     temperature: float = 1.0
     store_noise: bool = True  # False: regenerate noise from (seed, i) when read (VAR: 32x smaller folders)
 
+    def validate(self) -> None:
+        req = self.require
+        for name in ("num_samples", "batch_size", "shard_size"):
+            req(getattr(self, name) >= 1, name, getattr(self, name), "an int >= 1")
+        req(self.seed >= 0, "seed", self.seed, "an int >= 0")
+        req(self.cfg_scale >= 0, "cfg_scale", self.cfg_scale, "a number >= 0")
+        req(self.cfg_interval >= -1, "cfg_interval", self.cfg_interval, "an int >= -1 (-1: every step)")
+        req(self.top_k >= 0, "top_k", self.top_k, "an int >= 0 (0 disables top-k)")
+        req(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "a number in (0, 1]")
+        req(self.temperature > 0, "temperature", self.temperature, "a number > 0")
+
     def sampling(self) -> dict[str, Any]:
         return {"cfg_scale": self.cfg_scale, "cfg_interval": self.cfg_interval, "top_k": self.top_k,
                 "top_p": self.top_p, "temperature": self.temperature}  # fmt: skip
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(ValidatedConfig):
     """Evaluation of the distilled pipeline against the teacher (see :mod:`distilled_decoding.evaluation`)."""
 
     num_images: int = 1000
@@ -121,9 +149,22 @@ class EvalConfig:
     bench_batches: tuple[int, ...] = (1, 64)
     grid_columns: int = 10
 
+    def validate(self) -> None:
+        req = self.require
+        for name in ("num_images", "batch_size", "grid_columns"):
+            req(getattr(self, name) >= 1, name, getattr(self, name), "an int >= 1")
+        req(self.seed >= 0, "seed", self.seed, "an int >= 0")
+        req(bool(self.reference), "reference", self.reference, "'digits' or a folder of images")
+        req(self.feature_extractor in FEATURE_EXTRACTORS, "feature_extractor", self.feature_extractor,
+            f"one of {FEATURE_EXTRACTORS}")  # fmt: skip
+        req(self.refine is None or 0 <= self.refine[0] <= self.refine[1], "refine", self.refine,
+            "null or [T, t2] with 0 <= T <= t2")  # fmt: skip
+        req(self.skip is None or all(n >= 1 for n in self.skip), "skip", self.skip, "null or a list of ints >= 1")
+        req(all(b >= 1 for b in self.bench_batches), "bench_batches", self.bench_batches, "a list of ints >= 1")
+
 
 @dataclass
-class RecipeConfig:
+class RecipeConfig(ValidatedConfig):
     output_dir: str = "runs/digits"
     stages: tuple[str, ...] = STAGES
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -131,11 +172,10 @@ class RecipeConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         bad = [s for s in self.stages if s not in STAGES]
-        if bad:
-            raise ValueError(f"stages: unknown {bad}; expected some of {STAGES}")
-        self.stages = tuple(self.stages)
+        self.require(not bad, "stages", list(self.stages), f"some of {list(STAGES)} (unknown: {bad})")
+        self.require(bool(self.output_dir), "output_dir", self.output_dir, "a folder path")
 
     @property
     def trajectory_dir(self) -> Path:
@@ -160,48 +200,19 @@ def load_recipe_config(
     :data:`DEFAULT_CONFIG` (the embedded LlamaGen digits job) is read."""
     import copy
 
-    import yaml
-
     data: dict[str, Any] = copy.deepcopy(dict(defaults or {}))
     path = DEFAULT_CONFIG if path is None else path
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping with sections {sorted(_SECTIONS)}")
-        for key, value in loaded.items():
-            if isinstance(value, dict) and isinstance(data.get(key), dict):
-                data[key] = {**data[key], **value}
-            else:
-                data[key] = value
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r}: expected section.key=value (e.g. distill.max_steps=500)")
-        key, raw = item.split("=", 1)
-        parts = key.strip().lstrip("-").replace("-", "_").split(".")
-        node = data
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        merge(data, read_config_file(path))
+    parse_overrides(overrides, data)
     top = {f.name for f in dataclasses.fields(RecipeConfig)}
     unknown = sorted(set(data) - top)
     if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; expected some of {sorted(top)}")
+        raise ConfigError(f"unknown config key(s) {unknown}; expected some of {sorted(top)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        if name in _SECTIONS:
-            cls = _SECTIONS[name]
-            if not isinstance(value, dict):
-                raise ValueError(f"{name}: expected a mapping of {cls.__name__} fields")
-            fields = {f.name for f in dataclasses.fields(cls)}
-            extra = sorted(set(value) - fields)
-            if extra:
-                raise ValueError(f"{name}: unknown field(s) {extra}; expected some of {sorted(fields)}")
-            kwargs[name] = cls(**value)
-        else:
-            kwargs[name] = value
-    cfg = RecipeConfig(**kwargs)
+        kwargs[name] = build_config(_SECTIONS[name], value, name) if name in _SECTIONS else value
+    cfg = build_config(RecipeConfig, kwargs)
     # the student trains on this job's trajectories and writes into this job's folder unless told otherwise
     if "trajectories" not in (data.get("distill") or {}):
         cfg.distill.trajectories = str(cfg.trajectory_dir)
@@ -211,16 +222,67 @@ def load_recipe_config(
 
 
 def run(cfg: RecipeConfig) -> dict[str, Any]:
-    """Run the configured stages; returns a summary dict (paths, evaluation table when evaluated)."""
-    from distilled_decoding.distributed import process_state
+    """Run the configured stages; returns a summary dict (paths, evaluation table when evaluated).
 
+    The job folder is locked while the stages run (a second job on it refuses, naming the holder's pid).
+    ``config.json`` records the job's configuration: written when the job starts in a new folder and replaced
+    when all stages succeeded; an evaluation-only run never writes it (nor creates any folder)."""
+    from distilled_decoding.distributed import process_state
+    from distilled_decoding.fileio import job_lock
+
+    if not isinstance(cfg, RecipeConfig):
+        raise TypeError(f"cfg: expected a RecipeConfig (see load_recipe_config), got {type(cfg).__name__}")
     state = process_state()
     out = Path(cfg.output_dir)
-    if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
+    _preflight(cfg)
+    evaluate_only = set(cfg.stages) <= {"evaluate"}
+    if evaluate_only:
+        for path, what in ((out, "the job folder"), (cfg.pipeline_dir / "model_index.json", "a saved pipeline"),
+                           (cfg.trajectory_dir / "manifest.json", "the trajectories")):  # fmt: skip
+            if not path.exists():
+                raise ConfigError(f"output_dir: {path} does not exist ({what}); run the distillation job first")
+    with job_lock(out, state, what="distillation job"):
+        record = json.dumps(dataclasses.asdict(cfg), indent=2, default=str)
+        summary = _run_stages(cfg, state, None if evaluate_only else record)
+        if state.is_main_process and not evaluate_only:
+            atomic_write_text(out / "config.json", record)
+        state.wait_for_everyone()
+    return summary
+
+
+def _preflight(cfg: RecipeConfig) -> None:
+    """Paths the stages need, checked before anything is written (one-line :class:`ConfigError`)."""
+    from distilled_decoding.teachers import get_family
+
+    for name, value in (("output_dir", cfg.output_dir), ("distill.output_dir", cfg.distill.output_dir),
+                        ("distill.trajectories", cfg.distill.trajectories)):  # fmt: skip
+        if Path(value).exists() and not Path(value).is_dir():
+            raise ConfigError(f"{name}: {value} exists and is not a folder")
+    for name, value in (("teacher.model", cfg.teacher.model), ("teacher.tokenizer", cfg.teacher.tokenizer)):
+        if value is not None and not (Path(value).exists() or is_hub_reference(value)):
+            raise ConfigError(f"{name}: {value} does not exist (a save_pretrained folder, an official checkpoint "
+                              "file or a Hub reference)")  # fmt: skip
+    if get_family(cfg.teacher.kind).needs_tokenizer and cfg.teacher.tokenizer is None:
+        raise ConfigError(f"teacher.tokenizer: null, but a {cfg.teacher.kind!r} teacher needs its tokenizer")
+    reference = cfg.evaluate.reference
+    if (
+        "evaluate" in cfg.stages
+        and reference != "digits"
+        and not (Path(reference).exists() or is_hub_reference(reference))
+    ):
+        raise ConfigError(
+            f"evaluate.reference: {reference} does not exist (expected 'digits', a folder of images, or FID "
+            "statistics: a file or a Hub reference)"
+        )
+
+
+def _run_stages(cfg: RecipeConfig, state: Any, record: str | None) -> dict[str, Any]:
     teacher, tokenizer = cfg.teacher.load()
-    summary: dict[str, Any] = {"output_dir": str(out)}
+    out = Path(cfg.output_dir)
+    if record is not None and state.is_main_process and not (out / "config.json").exists():
+        atomic_write_text(out / "config.json", record)  # the job's configuration, from its start
+    summary: dict[str, Any] = {"output_dir": str(cfg.output_dir)}
+    student_dir = Path(cfg.distill.output_dir)
 
     if "trajectories" in cfg.stages:
         from distilled_decoding.trajectories import build_trajectories
@@ -238,15 +300,19 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
         student = train_student(cfg.distill, teacher=teacher, codebook=tokenizer.codebook, decode=decode)
         tokenizer = tokenizer.to("cpu")
         if state.is_main_process:
-            student.save_pretrained(Path(cfg.distill.output_dir) / "final")
+            save_student(student, student_dir / "final", read_training_settings(student_dir))
     if "save" in cfg.stages and state.is_main_process:
         from distilled_decoding.pipeline import DistilledDecodingPipeline
         from distilled_decoding.trajectories import TrajectoryDataset
 
+        ds = TrajectoryDataset(cfg.trajectory_dir)
+        final = student_dir / "final"
         if student is None:
-            final = Path(cfg.distill.output_dir) / "final"
-            student = _student_class(final).from_pretrained(final)
-        info = pipeline_info(cfg, TrajectoryDataset(cfg.trajectory_dir))
+            if not (final / "config.json").is_file():
+                raise ConfigError(f"distill.output_dir: {final} holds no trained student; run the 'train' stage")
+            student = _student_class(final, cfg.teacher.kind).from_pretrained(final)
+            _check_final_student(cfg, ds, student, final)
+        info = pipeline_info(cfg, ds, read_training_settings(final))
         pipe = DistilledDecodingPipeline(student=student, tokenizer=tokenizer, info=info)
         pipe.save_pretrained(cfg.pipeline_dir)
         summary["pipeline"] = str(cfg.pipeline_dir)
@@ -258,8 +324,23 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
     return summary
 
 
-def pipeline_info(cfg: RecipeConfig, ds: Any) -> dict[str, Any]:
-    """Provenance stored in the pipeline (and its model card): teacher identity, sampling distilled, data."""
+def _check_final_student(cfg: RecipeConfig, ds: Any, student: Any, final: Path) -> None:
+    """A student saved earlier is packaged only if this run's settings are the ones it was trained with."""
+    stored = read_training_settings(final)
+    if stored is None:
+        raise TrainingStateError(f"{final}: no training.json; the settings that produced this student are unknown")
+    mp = cfg.distill.mixed_precision or stored["distill"].get("mixed_precision", "no")  # packaging needs no device
+    settings = training_settings(cfg.distill, ds, student, mp)
+    if cfg.distill.split is not None:  # asked for explicitly: compare with what the student was trained with
+        settings["distill"]["split"] = cfg.distill.split
+    if cfg.distill.timesteps is not None:
+        settings["distill"]["timesteps"] = list(cfg.distill.timesteps)
+    check_training_settings(final, settings, what="saved student")
+
+
+def pipeline_info(cfg: RecipeConfig, ds: Any, training: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Provenance stored in the pipeline (and its model card): teacher identity, sampling distilled, data, and
+    ``training`` — the settings the student was actually trained with (its ``training.json``)."""
     s = ds.settings
     model = Path(cfg.teacher.model)
     # a file's stem (c2i_B_256, also for a Hub reference); a folder's name, or its parent's for a component folder
@@ -270,20 +351,16 @@ def pipeline_info(cfg: RecipeConfig, ds: Any) -> dict[str, Any]:
         "teacher_sampling": s["sampling"],
         "flow": s["flow"],
         "trajectories": {"num_samples": s["num_samples"], "seed": s["seed"], "class_labels": s["class_labels"]},
-        "training": {
-            k: v
-            for k, v in dataclasses.asdict(cfg.distill).items()
-            if k not in ("trajectories", "output_dir", "progress", "extra")
-        },  # fmt: skip
+        "training": dict((training or {}).get("distill") or {}),
     }
 
 
-def _student_class(folder: Path) -> type:
-    """The student class recorded in a ``save_pretrained`` folder's config.json."""
-    from distilled_decoding.teachers import families
+def _student_class(folder: Path, kind: str) -> type:
+    """The student class of the teacher family ``kind``, checked against a ``save_pretrained`` folder's config."""
+    from distilled_decoding.teachers import get_family
 
+    cls = get_family(kind).student_class
     name = json.loads((folder / "config.json").read_text()).get("_class_name")
-    by_name = {f.student_class.__name__: f.student_class for f in families().values()}
-    if name not in by_name:
-        raise ValueError(f"{folder}: config.json names student class {name!r}; expected one of {sorted(by_name)}")
-    return by_name[name]
+    if name != cls.__name__:
+        raise ValueError(f"{folder}: config.json holds a {name!r}, not the {kind!r} family's student {cls.__name__}")
+    return cls

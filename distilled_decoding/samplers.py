@@ -143,16 +143,13 @@ class RefinedSampler:
     def __post_init__(self) -> None:
         timesteps = list(self.student.config.timesteps)
         tt = self.teacher_tokens if self.teacher_tokens is not None else (0, timesteps[-1])
-        if (
-            not isinstance(tt, (tuple, list))
-            or len(tt) != 2
-            or any(isinstance(v, bool) or not isinstance(v, int) for v in tt)
-            or tt[1] not in timesteps[1:]
-            or not 0 <= tt[0] <= tt[1]
-        ):
+        if not isinstance(tt, (tuple, list)) or len(tt) != 2 or any(isinstance(v, bool) or not isinstance(v, int)
+                                                                     for v in tt):  # fmt: skip
+            raise TypeError(f"teacher_tokens={self.teacher_tokens!r}: expected a pair of ints (T, t2)")
+        if tt[1] not in timesteps[1:] or not 0 <= tt[0] <= tt[1]:
             raise ValueError(
-                f"teacher_tokens={self.teacher_tokens!r}: expected a pair of ints (T, t2) with t2 one of the "
-                f"student's trained timesteps {timesteps[1:]} and 0 <= T <= t2"
+                f"teacher_tokens={self.teacher_tokens!r}: expected (T, t2) with t2 one of the student's trained "
+                f"timesteps {timesteps[1:]} and 0 <= T <= t2"
             )
         self.teacher_tokens = (int(tt[0]), int(tt[1]))
         if self.chooser not in ("flow", "random", "multinomial"):

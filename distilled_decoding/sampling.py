@@ -10,6 +10,7 @@ Decoding: noise → token).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol
 
 import torch
@@ -41,6 +42,8 @@ class MultinomialChooser:
     """Draw each token from softmax(logits) with ``generator`` (the global RNG when None)."""
 
     def __init__(self, generator: torch.Generator | None = None):
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
         self.generator = generator
 
     def __call__(self, logits: Tensor, positions: slice) -> Tensor:
@@ -64,12 +67,27 @@ class FlowChooser:
     """
 
     def __init__(self, noise: Tensor, codebook: Tensor, **flow_kwargs: Any):
-        if noise.ndim != 3 or noise.shape[-1] != codebook.shape[-1]:
+        if not isinstance(codebook, Tensor) or codebook.ndim != 2 or not codebook.dtype.is_floating_point:
+            got = tuple(codebook.shape) if isinstance(codebook, Tensor) else type(codebook).__name__
+            raise ValueError(f"codebook: expected a (V, D) float tensor, got {got}")
+        if not isinstance(noise, Tensor) or noise.ndim != 3 or noise.shape[-1] != codebook.shape[-1]:
+            got = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
             raise ValueError(
-                f"noise: expected shape (B, N, {codebook.shape[-1]}) matching the codebook dimension, "
-                f"got {tuple(noise.shape)}"
+                f"noise: expected shape (B, N, {codebook.shape[-1]}) matching the codebook dimension, got {got}"
             )
+        if not noise.dtype.is_floating_point:
+            raise ValueError(f"noise: expected a floating dtype (standard normal values), got {noise.dtype}")
+        if not bool(torch.isfinite(noise).all()):
+            raise ValueError("noise: contains NaN or inf values; expected finite standard normal noise")
         self.noise, self.codebook, self.flow_kwargs = noise, codebook, flow_kwargs
+
+    def check(self, batch: int, positions: int) -> None:
+        """Called by :func:`sample_tokens` before the first step: the noise must cover every position decoded."""
+        if self.noise.shape[0] != batch or self.noise.shape[1] < positions:
+            raise ValueError(
+                f"noise: shape {tuple(self.noise.shape)} does not cover the batch and sequence being decoded; "
+                f"expected ({batch}, >= {positions}, {self.noise.shape[2]})"
+            )
 
     def __call__(self, logits: Tensor, positions: slice) -> Tensor:
         from distilled_decoding.flow import noise_to_tokens
@@ -99,14 +117,18 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
 def validate_sampling_args(
     *, cfg_scale: float, temperature: float, top_k: int, top_p: float, vocab_size: int | None = None
 ) -> None:
-    """Raise ValueError naming the first invalid sampling argument."""
-    if not isinstance(cfg_scale, (int, float)) or cfg_scale < 0:
-        raise ValueError(f"cfg_scale={cfg_scale!r}: expected a number >= 0")
-    if not isinstance(temperature, (int, float)) or temperature <= 0:
-        raise ValueError(f"temperature={temperature!r}: expected a number > 0")
-    if not isinstance(top_k, int) or top_k < 0:
+    """Raise ValueError naming the first invalid sampling argument (NaN, inf and bools are invalid too)."""
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not number(cfg_scale) or cfg_scale < 0:
+        raise ValueError(f"cfg_scale={cfg_scale!r}: expected a finite number >= 0")
+    if not number(temperature) or temperature <= 0:
+        raise ValueError(f"temperature={temperature!r}: expected a finite number > 0")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
         raise ValueError(f"top_k={top_k!r}: expected an integer >= 0 (0 disables top-k)")
-    if not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+    if not number(top_p) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p!r}: expected a number in (0, 1] (1 disables top-p)")
 
 
@@ -169,6 +191,8 @@ def sample_tokens(
             for teachers that decode in raster / scale order.
         progress: show a tqdm bar over decoding steps.
     """
+    if not callable(getattr(teacher, "decode_groups", None)) or not callable(getattr(teacher, "begin", None)):
+        raise TypeError(f"teacher: expected a model implementing the decoding protocol, got {type(teacher).__name__}")
     validate_sampling_args(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
     if order not in ("tokenizer", "sequence"):
         raise ValueError(f"order={order!r}: expected 'tokenizer' or 'sequence'")
@@ -188,12 +212,21 @@ def sample_tokens(
         if t0 not in starts:
             raise ValueError(f"prefix: length {t0} does not end a decoding step; expected one of {_few(starts)}")
     stop = n_tokens if stop is None else stop
-    if stop not in starts or stop < t0:
+    if isinstance(stop, bool) or not isinstance(stop, int) or stop not in starts or stop < t0:
         raise ValueError(f"stop={stop}: expected a decoding-step boundary >= the prefix length {t0}: {_few(starts)}")
     token_order = teacher.token_order
     if order == "tokenizer" and token_order is not None and stop != n_tokens:
         raise ValueError(f"stop={stop}: a partial sequence exists in the teacher's decoding order only; pass "
                          "order='sequence'")  # fmt: skip
+    if isinstance(cfg_interval, bool) or not isinstance(cfg_interval, int):
+        raise ValueError(f"cfg_interval={cfg_interval!r}: expected an int (-1: guidance at every step)")
+    if chooser is not None and not callable(chooser):
+        raise TypeError(f"chooser: expected a token chooser (callable), got {type(chooser).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    check = getattr(chooser, "check", None)  # e.g. FlowChooser: its noise must cover the positions decoded
+    if callable(check):
+        check(b, stop)
     scales = teacher.guidance_scales(cfg_scale, cfg_interval)
     guided = condition if scales is None else spec.with_unconditional(condition)
     chooser = chooser if chooser is not None else MultinomialChooser(generator)

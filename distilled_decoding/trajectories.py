@@ -19,10 +19,14 @@ Guarantees:
 * the noise and class of sample i depend on ``(seed, i)`` alone (a per-sample ``torch.Generator`` on the CPU),
   and the teacher runs on exactly the stored fp16-rounded noise;
 * shards are the unit of work: written atomically (temporary file + rename), split round-robin across
-  processes (``accelerate launch``), skipped on restart when already complete — a killed run resumes where it
-  stopped and ends byte-identical to an uninterrupted one; a restart with other settings or another teacher
-  is refused with the differences listed;
-* :class:`TrajectoryDataset` verifies each shard's checksum on first open and names the file it cannot read.
+  processes (``accelerate launch``), skipped on restart only when their bytes are intact (the sealed
+  manifest's sha256, or before sealing the payload digest each shard carries in its header; anything else is
+  rebuilt) — a killed run resumes where it stopped and ends byte-identical to an uninterrupted one; a restart
+  with other settings or another teacher is refused with the differences listed; one build per folder at a
+  time (:class:`~distilled_decoding.fileio.JobLock`);
+* the manifest is validated before use (:mod:`distilled_decoding.manifest`: schema, shard plan, digest of the
+  settings, shard headers); :class:`TrajectoryDataset` verifies each shard's checksum and values on first open
+  and names the file and key it cannot accept.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import operator
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -44,6 +49,23 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from distilled_decoding.fileio import atomic_path, atomic_write_text, job_lock, make_dirs
+from distilled_decoding.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    META_KEY,
+    TrajectoryError,
+    check_digest,
+    check_shard_header,
+    check_shard_values,
+    json_digest,
+    payload_digest,
+    read_manifest,
+    sha256_file,
+    shard_bytes_ok,
+    shard_name,
+)
 from distilled_decoding.provenance import teacher_fingerprint, tensor_bytes
 from distilled_decoding.sampling import FlowChooser, sample_tokens, validate_sampling_args
 
@@ -55,13 +77,6 @@ __all__ = [
     "MANIFEST",
     "FORMAT_VERSION",
 ]
-
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-
-
-class TrajectoryError(ValueError):
-    """A trajectory folder is inconsistent, corrupt, or was built with other settings."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -97,16 +112,6 @@ def sample_noise(
 # ----------------------------------------------------------------------------------------------------------
 # identity and settings
 # ----------------------------------------------------------------------------------------------------------
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _json_digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def _diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -135,10 +140,6 @@ class _Plan:
 
     def range(self, k: int) -> tuple[int, int]:
         return k * self.shard_size, min((k + 1) * self.shard_size, self.num_samples)
-
-
-def _shard_name(k: int) -> str:
-    return f"shard-{k:05d}.safetensors"
 
 
 def _int_dtype(max_value: int) -> torch.dtype:
@@ -185,18 +186,28 @@ def build_trajectories(
     from distilled_decoding.distributed import process_state
 
     state = process_state()
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir: expected a folder path, got {type(out_dir).__name__}")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TrajectoryError(f"out_dir: {out_dir} exists and is not a folder")
     if codebook is None:
         codebook = getattr(teacher, "codebook", None)
         if codebook is None:
             raise ValueError("codebook: this teacher carries no codebook; pass codebook=tokenizer.codebook")
     _check_args(teacher, codebook, num_samples, batch_size, shard_size)
     validate_sampling_args(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+    for name, v in (("seed", seed), ("cfg_interval", cfg_interval)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "seed" else -1):
+            raise ValueError(f"{name}={v!r}: expected an int >= {0 if name == 'seed' else -1}")
+    for name, v in (("store_noise", store_noise), ("progress", progress)):
+        if not isinstance(v, bool):
+            raise ValueError(f"{name}={v!r}: expected True or False")
     labels_all = _check_labels(teacher, class_labels, num_samples)
     device = torch.device(device) if device is not None else state.device
     teacher = teacher.to(device).eval()
     codebook = codebook.detach().to(device=device, dtype=torch.float32)
-    flow_kwargs = dict(flow_kwargs or {})
+    flow_kwargs = _check_flow_kwargs(flow_kwargs, codebook)
 
     from distilled_decoding import flow
 
@@ -223,42 +234,89 @@ def build_trajectories(
         "flow": {**getattr(flow, "DEFAULTS", {}), **flow_kwargs},
     }
     identity = teacher_fingerprint(teacher, codebook)
-    settings_digest = _json_digest({"settings": settings, "teacher": identity})
+    settings_digest = json_digest({"settings": settings, "teacher": identity})
     plan = _Plan(num_samples, shard_size)
 
-    # 1. every process checks an existing manifest (so all raise together), then the main one writes it
+    # one job per folder; every process checks an existing manifest (so all raise together), the main one writes
+    with job_lock(out_dir, state, what="trajectory build"):
+        fresh = _manifest(settings, identity, settings_digest, plan, shards=None, noise_check=None)
+        current = _open_folder(out_dir, settings, identity, fresh, state)
+        built, elapsed = _build_shards(teacher, codebook, out_dir, plan, current, settings_digest, state,
+                                       labels_all=labels_all, seed=seed, batch_size=batch_size, device=device,
+                                       store_noise=store_noise, flow_kwargs=flow_kwargs, progress=progress,
+                                       sampling=settings["sampling"])  # fmt: skip
+        # the main process checks every shard and seals the manifest
+        state.wait_for_everyone()
+        if state.is_main_process:
+            shards = []
+            for k in range(plan.num_shards):
+                path = out_dir / shard_name(k)
+                sealed = current["shards"][k].get("sha256")
+                digest = sha256_file(path) if path.is_file() else None
+                intact = digest == sealed and _header_ok(path, current, k)
+                if not intact and not shard_bytes_ok(path, fresh, k):
+                    raise TrajectoryError(f"{path}: missing or invalid after all processes finished")
+                a, b = plan.range(k)
+                shards.append({"file": path.name, "start": a, "stop": b, "sha256": digest or sha256_file(path)})
+            drawn = None if labels_all is not None else teacher.num_classes
+            check = None if store_noise else _noise_check(seed, num_samples, teacher.seq_len, codebook.shape[1], drawn)
+            _write_manifest(out_dir, _manifest(settings, identity, settings_digest, plan, shards, check))
+            rate = built / elapsed if elapsed > 0 and built else 0.0
+            print(
+                f"trajectories: {num_samples} pairs in {plan.num_shards} shard(s) at {out_dir}; this process built "
+                f"{built} in {elapsed:.1f} s ({rate:.1f} pairs/s), {state.num_processes} process(es)"
+            )
+        state.wait_for_everyone()
+    return out_dir
+
+
+def _header_ok(path: Path, manifest: dict, k: int) -> bool:
+    try:
+        check_shard_header(path, manifest, k)
+    except TrajectoryError:
+        return False
+    return True
+
+
+def _open_folder(out_dir: Path, settings: dict, identity: dict, fresh: dict, state: Any) -> dict[str, Any]:
+    """Validate an existing manifest against this run (refusing other settings, another teacher or an edited
+    file), or write a fresh one; returns the manifest in force (the same in every process)."""
     manifest_path = out_dir / MANIFEST
+    old = None
     if manifest_path.exists():
-        old = json.loads(manifest_path.read_text())
-        diffs = _diff(old.get("settings", {}), settings) + _diff(old.get("teacher", {}), identity, "teacher.")
+        old = read_manifest(manifest_path)
+        diffs = _diff(old["settings"], settings) + _diff(old["teacher"], identity, "teacher.")
         if diffs:
             raise TrajectoryError(
                 f"{out_dir} holds trajectories built with other settings or another teacher; refusing to resume. "
                 "Differences:\n  " + "\n  ".join(diffs[:20]) + "\nUse another out_dir or delete this one."
             )
+        check_digest(old, str(manifest_path))
     state.wait_for_everyone()
     if state.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for tmp in out_dir.glob("*.tmp"):
-            tmp.unlink()
-        if not manifest_path.exists():
-            _write_manifest(out_dir, settings, identity, settings_digest, plan, shards=None, noise_check=None)
+        make_dirs(out_dir)
+        for pattern in ("shard-*.safetensors.tmp", "manifest.json.tmp", ".shard-*.safetensors.*.tmp",
+                        f".{MANIFEST}.*.tmp"):  # fmt: skip
+            for tmp in out_dir.glob(pattern):  # temporary files of a killed run (only the names we write)
+                tmp.unlink()
+        if old is None:
+            _write_manifest(out_dir, fresh)
     state.wait_for_everyone()
+    return old if old is not None else fresh
 
-    # 2. shards: round-robin over processes, skipping complete ones
+
+def _build_shards(teacher, codebook, out_dir, plan, current, digest, state, *, labels_all, seed, batch_size, device,
+                  store_noise, flow_kwargs, progress, sampling) -> tuple[int, float]:  # fmt: skip
+    """Build this process's shards (round-robin) that are missing or whose bytes fail their check."""
     mine = [k for k in range(plan.num_shards) if k % state.num_processes == state.process_index]
-    todo = [k for k in mine if not _shard_ok(out_dir / _shard_name(k), settings_digest, plan.range(k))]
+    todo = [k for k in mine if not shard_bytes_ok(out_dir / shard_name(k), current, k)]
+    for k in todo:
+        if (out_dir / shard_name(k)).exists():
+            print(f"trajectories: {out_dir / shard_name(k)} is incomplete or fails its checksum; rebuilding it")
     total = sum(plan.range(k)[1] - plan.range(k)[0] for k in mine)
     done_before = total - sum(plan.range(k)[1] - plan.range(k)[0] for k in todo)
-    bar = tqdm(
-        total=total,
-        initial=done_before,
-        unit="pair",
-        desc="trajectories",
-        dynamic_ncols=True,
-        disable=not (progress and state.is_main_process),
-        smoothing=0.1,
-    )
+    bar = tqdm(total=total, initial=done_before, unit="pair", desc="trajectories", dynamic_ncols=True,
+               disable=not (progress and state.is_main_process), smoothing=0.1)  # fmt: skip
     t0 = time.perf_counter()
     built = 0
     for k in todo:
@@ -266,66 +324,21 @@ def build_trajectories(
         noise, labels, tokens = [], [], []
         for s in range(a, b, batch_size):
             idx = list(range(s, min(s + batch_size, b)))
-            eps, lab = sample_noise(
-                seed,
-                idx,
-                teacher.seq_len,
-                codebook.shape[1],
-                None if labels_all is not None else teacher.num_classes,
-            )
+            drawn = None if labels_all is not None else teacher.num_classes
+            eps, lab = sample_noise(seed, idx, teacher.seq_len, codebook.shape[1], drawn)
             if labels_all is not None:
                 lab = labels_all[idx[0] : idx[-1] + 1]
             chooser = FlowChooser(eps.to(device), codebook, **flow_kwargs)
-            tok = sample_tokens(
-                teacher,
-                lab.to(device),
-                chooser=chooser,
-                cfg_scale=cfg_scale,
-                cfg_interval=cfg_interval,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                order="sequence",
-            )
+            tok = sample_tokens(teacher, lab.to(device), chooser=chooser, order="sequence", **sampling)
             noise.append(eps)
             labels.append(lab)
             tokens.append(tok.cpu())
             bar.update(len(idx))
         built += b - a
-        _write_shard(
-            out_dir,
-            k,
-            (a, b),
-            torch.cat(noise) if store_noise else None,
-            torch.cat(tokens),
-            torch.cat(labels),
-            settings_digest,
-            teacher.vocab_size,
-            teacher.num_classes,
-        )
+        _write_shard(out_dir, k, (a, b), torch.cat(noise) if store_noise else None, torch.cat(tokens),
+                     torch.cat(labels), digest, teacher.vocab_size, teacher.num_classes)  # fmt: skip
     bar.close()
-    elapsed = time.perf_counter() - t0
-
-    # 3. the main process checks every shard and seals the manifest
-    state.wait_for_everyone()
-    if state.is_main_process:
-        shards = []
-        for k in range(plan.num_shards):
-            path = out_dir / _shard_name(k)
-            if not _shard_ok(path, settings_digest, plan.range(k)):
-                raise TrajectoryError(f"{path}: missing or invalid after all processes finished")
-            a, b = plan.range(k)
-            shards.append({"file": path.name, "start": a, "stop": b, "sha256": _sha256_file(path)})
-        drawn = None if labels_all is not None else teacher.num_classes
-        check = None if store_noise else _noise_check(seed, num_samples, teacher.seq_len, codebook.shape[1], drawn)
-        _write_manifest(out_dir, settings, identity, settings_digest, plan, shards=shards, noise_check=check)
-        rate = built / elapsed if elapsed > 0 and built else 0.0
-        print(
-            f"trajectories: {num_samples} pairs in {plan.num_shards} shard(s) at {out_dir}; this process built "
-            f"{built} in {elapsed:.1f} s ({rate:.1f} pairs/s), {state.num_processes} process(es)"
-        )
-    state.wait_for_everyone()
-    return out_dir
+    return built, time.perf_counter() - t0
 
 
 def _check_args(teacher: Any, codebook: Tensor, num_samples: int, batch_size: int, shard_size: int) -> None:
@@ -339,10 +352,34 @@ def _check_args(teacher: Any, codebook: Tensor, num_samples: int, batch_size: in
         )
 
 
+def _check_flow_kwargs(flow_kwargs: Mapping[str, Any] | None, codebook: Tensor) -> dict[str, Any]:
+    """Options of the flow map, checked on a one-row call before anything is written."""
+    import inspect
+
+    from distilled_decoding.flow import noise_to_tokens
+
+    if flow_kwargs is not None and not isinstance(flow_kwargs, Mapping):
+        raise TypeError(f"flow_kwargs: expected a mapping of noise_to_tokens options, got {type(flow_kwargs).__name__}")
+    kwargs = dict(flow_kwargs or {})
+    allowed = [n for n, p in inspect.signature(noise_to_tokens).parameters.items() if n not in ("noise", "logits",
+               "codebook") and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]  # fmt: skip
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(f"flow_kwargs: unknown option(s) {unknown}; expected some of {allowed}")
+    try:
+        noise_to_tokens(torch.zeros(1, codebook.shape[1], device=codebook.device),
+                        torch.zeros(1, codebook.shape[0], device=codebook.device), codebook, **kwargs)  # fmt: skip
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"flow_kwargs: {e}") from None
+    return kwargs
+
+
 def _check_labels(teacher: Any, class_labels: Sequence[int] | Tensor | None, n: int) -> Tensor | None:
     if class_labels is None:
         return None
     labels = torch.as_tensor(class_labels)
+    if labels.dtype == torch.bool or labels.dtype.is_floating_point or labels.is_complex():
+        raise ValueError(f"class_labels: expected integer class ids, got dtype {labels.dtype}")
     if labels.ndim != 1 or labels.shape[0] != n:
         raise ValueError(f"class_labels: expected {n} labels (one per sample), got shape {tuple(labels.shape)}")
     return teacher.condition.check(labels, n).cpu()
@@ -366,10 +403,6 @@ def _write_shard(
     vocab: int,
     classes: int,
 ) -> None:
-    meta = json.dumps(
-        {"start": rng[0], "stop": rng[1], "settings_digest": digest, "format_version": FORMAT_VERSION},
-        sort_keys=True,
-    )
     tensors = {
         "tokens": tokens.to(_int_dtype(vocab - 1)).contiguous(),
         "class_label": labels.to(_int_dtype(classes)).contiguous(),
@@ -377,43 +410,23 @@ def _write_shard(
     }
     if noise is not None:
         tensors["noise"] = noise.to(torch.float16).contiguous()
-    final = out_dir / _shard_name(k)
-    tmp = final.with_name(final.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"distilled_decoding": meta})  # one key: byte-stable header
-    os.replace(tmp, final)
+    meta = {"start": rng[0], "stop": rng[1], "settings_digest": digest, "format_version": FORMAT_VERSION,
+            "payload_sha256": payload_digest(tensors)}  # fmt: skip
+    with atomic_path(out_dir / shard_name(k)) as tmp:  # one metadata key: byte-stable header
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
 
 
-def _shard_ok(path: Path, digest: str, rng: tuple[int, int]) -> bool:
-    """A complete shard of this build: readable header with our digest and range, right row counts."""
-    if not path.is_file():
-        return False
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("distilled_decoding", "{}"))
-            n = f.get_slice("tokens").get_shape()[0]
-            ok_rows = all(f.get_slice(key).get_shape()[0] == n for key in f.keys() if key != "tokens")  # noqa: SIM118
-    except Exception:  # noqa: BLE001 - unreadable means not complete
-        return False
-    return (
-        meta.get("settings_digest") == digest
-        and (meta.get("start"), meta.get("stop")) == rng
-        and ok_rows
-        and n == rng[1] - rng[0]
-    )
-
-
-def _write_manifest(
-    out_dir: Path,
+def _manifest(
     settings: dict,
     identity: dict,
     digest: str,
     plan: _Plan,
     shards: list[dict] | None,
     noise_check: dict | None,
-) -> None:
-    manifest = {
+) -> dict[str, Any]:
+    return {
         "noise_check": noise_check,
-        "format": "distilled-decoding trajectories",
+        "format": FORMAT,
         "complete": shards is not None,
         "settings": settings,
         "teacher": identity,
@@ -422,13 +435,13 @@ def _write_manifest(
         "shards": shards
         if shards is not None
         else [
-            {"file": _shard_name(k), "start": plan.range(k)[0], "stop": plan.range(k)[1]}
-            for k in range(plan.num_shards)
+            {"file": shard_name(k), "start": plan.range(k)[0], "stop": plan.range(k)[1]} for k in range(plan.num_shards)
         ],
     }
-    tmp = out_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, out_dir / MANIFEST)
+
+
+def _write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -443,19 +456,21 @@ class TrajectoryDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, out_dir: str | os.PathLike, verify: bool = True):
+        if not isinstance(out_dir, (str, os.PathLike)):
+            raise TypeError(f"out_dir: expected a folder path, got {type(out_dir).__name__}")
         self.root = Path(out_dir)
+        if not self.root.is_dir():
+            raise TrajectoryError(f"out_dir: {self.root} is not a folder (expected a trajectory folder)")
         path = self.root / MANIFEST
-        if not path.is_file():
-            raise TrajectoryError(f"{path}: no manifest; is {self.root} a trajectory folder?")
-        try:
-            self.manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise TrajectoryError(f"{path}: corrupt manifest ({e})") from e
-        if not self.manifest.get("complete"):
+        self.manifest = read_manifest(path)  # schema, values, the shard plan
+        if not self.manifest["complete"]:
             raise TrajectoryError(
                 f"{self.root}: the build is incomplete (manifest says complete=false); run build_trajectories "
                 "again with the same settings to finish it"
             )
+        for k, entry in enumerate(self.manifest["shards"]):  # headers against the manifest: names the key
+            check_shard_header(self.root / entry["file"], self.manifest, k)
+        check_digest(self.manifest, str(path))
         self.shards = self.manifest["shards"]
         self.settings = self.manifest["settings"]
         self.teacher = self.manifest["teacher"]
@@ -496,19 +511,23 @@ class TrajectoryDataset(torch.utils.data.Dataset):
             path = self.root / info["file"]
             if not path.is_file():
                 raise TrajectoryError(f"{path}: shard missing")
-            if self._verify and _sha256_file(path) != info["sha256"]:
+            if self._verify and sha256_file(path) != info["sha256"]:
                 raise TrajectoryError(f"{path}: checksum mismatch (the shard is corrupt or truncated)")
+            check_shard_header(path, self.manifest, k)
             try:
                 handle = safe_open(str(path), "pt")
-                n = handle.get_slice("tokens").get_shape()[0]
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
             except Exception as e:  # noqa: BLE001 - re-raised with the file named
                 raise TrajectoryError(f"{path}: unreadable shard ({e})") from e
-            if n != info["stop"] - info["start"]:
-                raise TrajectoryError(f"{path}: holds {n} samples, manifest expects {info['stop'] - info['start']}")
+            check_shard_values(path, self.manifest, k, tensors)
             self._handles[k] = handle
         return self._handles[k]
 
     def _locate(self, i: int) -> tuple[int, int]:
+        try:
+            i = operator.index(i)
+        except TypeError:
+            raise TypeError(f"index: expected an int, got {type(i).__name__}") from None
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} samples")
         i %= len(self)
@@ -516,7 +535,7 @@ class TrajectoryDataset(torch.utils.data.Dataset):
         return k, i - self._starts[k]
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        k, j = self._locate(int(i))
+        k, j = self._locate(i)
         f = self._open(k)
         if self._regenerate:
             g = self._starts[k] + j

@@ -16,8 +16,23 @@ import argparse
 from pathlib import Path
 
 from distilled_decoding import build_trajectories
+from distilled_decoding.configs import ConfigError, command_line_errors
 from distilled_decoding.recipe import TeacherConfig
+from distilled_decoding.sampling import validate_sampling_args
 from distilled_decoding.teachers import families
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value}")
+        return value
+
+    return parse
 
 
 def parser() -> argparse.ArgumentParser:
@@ -28,10 +43,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, help="GPT-B, GPT-L, ... / VAR depth (inferred when omitted)")
     p.add_argument("--block-size", type=int, default=None, help="tokens per image (default: from the file name)")
     p.add_argument("--out", required=True)
-    p.add_argument("--num-samples", type=int, default=20000)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--shard-size", type=int, default=10000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=_at_least(1), default=20000)
+    p.add_argument("--batch-size", type=_at_least(1), default=256)
+    p.add_argument("--shard-size", type=_at_least(1), default=10000)
+    p.add_argument("--seed", type=_at_least(0), default=0)
     p.add_argument("--cfg-scale", type=float, default=2.0)
     p.add_argument("--cfg-interval", type=int, default=-1)
     p.add_argument("--top-k", type=int, default=0)
@@ -44,7 +59,19 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    with command_line_errors(p.prog):
+        return _build(args)
+
+
+def _build(args: argparse.Namespace) -> Path:
+    try:
+        validate_sampling_args(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p)  # fmt: skip
+    except ValueError as e:
+        name, rest = str(e).split("=", 1)
+        raise ConfigError(f"--{name.replace('_', '-')}={rest}") from None
     teacher, tokenizer = TeacherConfig(kind=args.kind, model=args.model, tokenizer=args.tokenizer, preset=args.preset,
                                        block_size=args.block_size, dtype=args.dtype).load()  # fmt: skip
     return build_trajectories(

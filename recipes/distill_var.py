@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 
+from distilled_decoding.configs import command_line_errors
 from distilled_decoding.recipe import ROOT, load_recipe_config, run
 
 #: The embedded default: the digits VAR, settings that finish in about a quarter of an hour on a 2-core CPU.
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--config", default=None, help="YAML file with sections teacher/trajectories/distill/evaluate")
     p.add_argument("overrides", nargs="*", help="section.field=value")
     args = p.parse_args(argv)
-    return run(load_recipe_config(args.config or DEFAULT_CONFIG, args.overrides))
+    with command_line_errors(p.prog):  # a bad config: one line on stderr, exit code 2
+        return run(load_recipe_config(args.config or DEFAULT_CONFIG, args.overrides))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from distilled_decoding.checkpoints import load_state_dict_file, load_strict
 from distilled_decoding.conditions import ClassCondition
+from distilled_decoding.configs import ValidatedConfig
 from distilled_decoding.model_config import config_init
 from distilled_decoding.students.base import FewStepStudent, resolve_schedule, validate_schedule
 from distilled_decoding.students.layers import FinalLayer, LabelTable
@@ -39,7 +40,7 @@ __all__ = ["DDStudent", "DDStudentConfig"]
 
 
 @dataclass
-class DDStudentConfig:
+class DDStudentConfig(ValidatedConfig):
     """The teacher's backbone fields (official ModelArgs names), ``codebook_dim`` D, ``split`` (positions < split
     are read from the logits head, the rest from the continuous head) and ``timesteps`` (the training / sampling
     schedule in tokens, e.g. (0, 80): 1-step sampling uses t=0, 2-step uses both)."""
@@ -59,7 +60,7 @@ class DDStudentConfig:
     split: int = 80
     timesteps: Sequence[int] = (0, 80)
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if isinstance(self.codebook_dim, bool) or not isinstance(self.codebook_dim, int) or self.codebook_dim < 1:
             raise ValueError(f"codebook_dim={self.codebook_dim!r}: expected a positive integer")
         self.timesteps, self.split = validate_schedule(self.timesteps, self.split, self.backbone().block_size)
@@ -126,10 +127,15 @@ class DDStudent(FewStepStudent, ModelMixin, ConfigMixin):
         codebook vector as close as possible to the teacher's embedding of that token (DD2's continuous-input
         adaptation, closed form); ``"random"`` keeps N(0, 0.02) as the official code.
         """
+        from distilled_decoding.teachers.llamagen import LlamaGen
+
+        if not isinstance(teacher, LlamaGen):
+            raise TypeError(f"teacher: expected a LlamaGen teacher, got {type(teacher).__name__}")
+        if not isinstance(codebook, Tensor) or not codebook.dtype.is_floating_point:
+            raise TypeError(f"codebook: expected a (V, D) float tensor, got {type(codebook).__name__}")
         a = teacher.args
-        if not isinstance(codebook, Tensor) or codebook.ndim != 2 or codebook.shape[0] != a.vocab_size:
-            got = tuple(codebook.shape) if isinstance(codebook, Tensor) else type(codebook).__name__
-            raise ValueError(f"codebook: expected ({a.vocab_size}, D) for this teacher, got {got}")
+        if codebook.ndim != 2 or codebook.shape[0] != a.vocab_size:
+            raise ValueError(f"codebook: expected ({a.vocab_size}, D) for this teacher, got {tuple(codebook.shape)}")
         if init_input not in ("lstsq", "random"):
             raise ValueError(f"init_input={init_input!r}: expected 'lstsq' or 'random'")
         n = a.block_size

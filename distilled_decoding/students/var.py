@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from distilled_decoding.checkpoints import CheckpointError, extract_state_dict, load_strict, read_checkpoint
 from distilled_decoding.conditions import ClassCondition
+from distilled_decoding.configs import ValidatedConfig
 from distilled_decoding.model_config import config_fields, config_init
 from distilled_decoding.students.base import (
     FewStepStudent,
@@ -45,7 +46,7 @@ SHARED_FIELDS = ("num_classes", "depth", "embed_dim", "num_heads", "mlp_ratio", 
 
 
 @dataclass
-class DDVARStudentConfig:
+class DDVARStudentConfig(ValidatedConfig):
     """The teacher's fields (official ``VAR`` names; ``codebook_dim`` = Cvae), ``layerwise_n_d`` (the official
     ``layerwise_n_d_embed`` flag), ``timesteps`` (in scales, e.g. (0, 5)) and ``split`` (in scales: tokens of the first
     ``split`` scales are read from the logits head, the rest from the continuous head; official ``loss_split_t``)."""
@@ -68,7 +69,7 @@ class DDVARStudentConfig:
     split: int = 5
     timesteps: Sequence[int] = (0, 5)
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if isinstance(self.codebook_dim, bool) or not isinstance(self.codebook_dim, int) or self.codebook_dim < 1:
             raise ValueError(f"codebook_dim={self.codebook_dim!r}: expected a positive int (the VAE's Cvae)")
         self.patch_nums = self.backbone().patch_nums

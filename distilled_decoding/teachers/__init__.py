@@ -38,6 +38,7 @@ register_family(
         # the released DD-VAR students by (teacher depth, scales) (VAR/README.md commands; split = t2)
         released_schedules={(16, 10): (0, 5), (20, 10): (0, 4), (24, 10): (0, 4)},
         embedded=("checkpoints/digits_var", None),
+        needs_tokenizer=False,
     )
 )
 register_family(

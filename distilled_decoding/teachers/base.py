@@ -142,7 +142,8 @@ class TeacherFamily:
     ``schedule_fraction``: the default second timestep of the 2-step schedule as a fraction of the decoding steps
     (LlamaGen: 80 of 256 tokens, the released DD students); ``released_schedules`` maps a teacher size key (the
     family's student passes it) to a released schedule that wins over the fraction. ``embedded``: the family's
-    embedded default teacher in ``checkpoints/`` as (model, tokenizer or None) paths relative to the repository.
+    embedded default teacher in ``checkpoints/`` as (model, tokenizer or None) paths relative to the repository;
+    ``needs_tokenizer``: whether its loader needs a tokenizer besides the model (a VAR folder holds its VAE).
     """
 
     name: str
@@ -153,6 +154,7 @@ class TeacherFamily:
     schedule_fraction: float = 0.5
     released_schedules: dict[Any, tuple[int, ...]] = field(default_factory=dict)
     embedded: tuple[str, str | None] | None = None
+    needs_tokenizer: bool = True
 
     @property
     def teacher_class(self) -> type:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from distilled_decoding.configs import ValidatedConfig
+
 __all__ = ["LlamaGenConfig", "LLAMAGEN_PRESETS", "MODEL_TYPES", "find_multiple"]
 
 
@@ -13,7 +15,7 @@ def find_multiple(n: int, k: int) -> int:
 
 
 @dataclass
-class LlamaGenConfig:
+class LlamaGenConfig(ValidatedConfig):
     """The official ``ModelArgs`` fields. ``block_size`` = number of image tokens (a square). ``model_type``
     "c2i" (class labels, ``cls_token_num`` = 1) or "t2i" (caption features of width ``caption_dim`` in
     ``cls_token_num`` positions: 120 for the official models)."""
@@ -42,7 +44,7 @@ class LlamaGenConfig:
     max_batch_size: int = 32
     max_seq_len: int = 2048
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         def bad(field: str, expected: str) -> ValueError:
             return ValueError(f"LlamaGen config: {field}={getattr(self, field)!r}, expected {expected}")
 

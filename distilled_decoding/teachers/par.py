@@ -81,8 +81,8 @@ class PARConfig(LlamaGenConfig):
     spe_token_num: int = 3
     ar_token_num: int = 4
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         region_order(self.grid_size, self.ar_token_num)  # validates k against the grid
         if self.spe_token_num != self.ar_token_num - 1:
             raise ValueError(

@@ -7,13 +7,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from distilled_decoding.configs import ValidatedConfig
 from distilled_decoding.tokenizers.msvq import PATCH_NUMS_256, PATCH_NUMS_512
 
 __all__ = ["VARConfig", "VAR_PRESETS", "var_depth_config"]
 
 
 @dataclass
-class VARConfig:
+class VARConfig(ValidatedConfig):
     """The official ``VAR`` constructor arguments (without the VAE object), plus ``vocab_size`` / ``Cvae`` (read
     from the VAE upstream) and ``vae_config`` (the owned VAE's config, or None). Defaults are VAR-d16 as
     ``build_vae_var`` builds it (note ``attn_l2_norm=True``; the official class default is False)."""
@@ -35,7 +36,7 @@ class VARConfig:
     Cvae: int = 32  # noqa: N815 - official name
     vae_config: Mapping[str, Any] | None = None
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
             return ValueError(f"VAR config {name}={getattr(self, name)!r}: expected {expected}")
 

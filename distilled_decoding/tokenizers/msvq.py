@@ -813,6 +813,8 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
                 + (f" {vectors.dtype}" if isinstance(vectors, Tensor) else "")
             )
         self._check_len(vectors.shape[1], "vectors", full)
+        if not bool(torch.isfinite(vectors).all()):
+            raise ValueError("vectors: contain NaN or inf values")
 
 
 def _describe(cfg: Mapping[str, Any]) -> str:

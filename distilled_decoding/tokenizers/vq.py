@@ -606,6 +606,8 @@ class VQTokenizer(ModelMixin, ConfigMixin):
                 f"vectors must have shape (B, h*w, {self.embed_dim}) or (B, h, w, {self.embed_dim}) "
                 f"(D = codebook_embed_dim); got {tuple(vectors.shape)}"
             )
+        if not bool(torch.isfinite(vectors).all()):
+            raise ValueError("vectors contain NaN or inf values; expected finite codebook-space latents")
         h, w = self._grid(vectors.shape[:-1], grid, "vectors")
         z = rearrange(vectors.reshape(vectors.shape[0], h * w, -1), "b (h w) d -> b d h w", h=h, w=w)
         # contiguous NCHW as in official decode_code (a channels-last view picks other kernels: ~1e-5 off)
