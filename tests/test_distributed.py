@@ -11,19 +11,27 @@ import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = "import torch; from distilled_decoding.distributed import process_state; process_state(); " \
-         "print('threads', torch.get_num_threads())"  # fmt: skip
+# Each process writes its own file: the processes' stdout lines interleave.
+SCRIPT = (
+    "import os, sys, torch; from distilled_decoding.distributed import process_state; process_state(); "
+    "open(os.path.join(sys.argv[1], f'threads.{os.getpid()}'), 'w').write(str(torch.get_num_threads()))"
+)
 
 
 def _launch(tmp_path: Path, *args: str, **env: str) -> list[int]:
     script = tmp_path / "threads.py"
     script.write_text(SCRIPT)
+    out = tmp_path / "out"
+    if out.exists():
+        for f in out.iterdir():
+            f.unlink()
+    out.mkdir(exist_ok=True)
     base = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--mixed_precision", "no", "--dynamo_backend", "no",
-           *args, str(script)]  # fmt: skip
+           *args, str(script), str(out)]  # fmt: skip
     res = subprocess.run(cmd, env={**base, "PYTHONPATH": str(ROOT), **env}, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    return [int(line.split()[1]) for line in res.stdout.splitlines() if line.startswith("threads")]
+    return [int(f.read_text()) for f in sorted(out.iterdir())]
 
 
 @pytest.mark.multiproc

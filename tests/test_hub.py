@@ -551,7 +551,13 @@ def test_evaluation_against_statistics(offline, digits_stats, tmp_path):
     pipe, gpt = load_release(_tiny_llamagen(), teacher=True, split=6, timesteps=(0, 5))
     torch.save({"m": digits_stats["mu"], "s": digits_stats["sigma"]}, tmp_path / "statistic.pth")
     out = evaluate_pipeline(pipe, gpt, str(tmp_path / "statistic.pth"), num_images=20, batch_size=20, progress=False)
-    assert set(out["rows"]) == {"teacher AR (flow map)", "DD 1-step", "DD 2-step", "DD refined (4-5)"}
+    assert set(out["rows"]) == {
+        "teacher AR (multinomial)",
+        "teacher AR (flow map)",
+        "DD 1-step",
+        "DD 2-step",
+        "DD refined (4-5)",
+    }
     for row in out["rows"].values():
         assert row["fid"] > 0 and row["is"] > 0 and row["precision"] is None and row["recall"] is None
     assert out["settings"]["reference"] == str(tmp_path / "statistic.pth")

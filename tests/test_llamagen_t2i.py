@@ -256,13 +256,13 @@ def test_text_to_a_class_conditional_teacher(ref, cond):
     from distilled_decoding import VAR
 
     c2i = randomize_(LlamaGen(**TINY_GPT)).eval()
-    with pytest.raises(ValueError, match=r"class_labels: this model is class-conditional .*TextCondition"):
+    with pytest.raises(TypeError, match=r"class_labels: this model is class-conditional .*TextCondition"):
         c2i(ref["tokens"], cond)
-    with pytest.raises(ValueError, match=r"class_labels: this model is class-conditional"):
+    with pytest.raises(TypeError, match=r"class_labels: this model is class-conditional"):
         sample_tokens(c2i, cond)
     with torch.device("meta"):
         var = VAR.from_preset(16)
-    with pytest.raises(ValueError, match=r"class_labels: this model is class-conditional"):
+    with pytest.raises(TypeError, match=r"class_labels: this model is class-conditional"):
         sample_tokens(var, cond)
 
 
