@@ -19,20 +19,22 @@ reparametrisation u → u/s of u = (1 − t)/t, in the coordinate y = x/t where 
 for a unit-RMS codebook and moved to the codebook's scale (:func:`code_scale`, :func:`rescale_time`).
 Defaults (:data:`DEFAULTS`) were chosen with ``benchmarks/flow_solvers.py``.
 
-The posterior kernels (batch-invariant float32 rows, certified pruning) live in
-:mod:`distilled_decoding.flow_kernels`; this module holds the time grid, the solver and the public API.
+The batch-invariant float32 kernels that evaluate the posterior and run the solver live in
+:mod:`distilled_decoding.flow_kernels`; this module holds the time grid, the solver's coefficients and the
+public API.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from distilled_decoding.flow_kernels import (
     DEFAULT_CHUNK_ELEMENTS,
+    SolverPlan,
     code_scale,
     codebook_layout,
     padded_length,
@@ -54,7 +56,7 @@ __all__ = [
     "check_inputs",
     "code_scale",
     "denoise",
-    "integrate",
+    "multistep_coefficients",
     "noise_to_tokens",
     "posterior_logits",
     "rescale_time",
@@ -72,7 +74,8 @@ DEFAULT_GRID = "geometric"
 DEFAULT_STEPS = 24
 DEFAULT_T_MIN = 0.05
 DEFAULT_T_MAX = 0.9
-DEFAULT_PRUNE_NATS = 30.0
+#: no pruning: every allowed code is evaluated at every step (see noise_to_tokens' ``prune_nats``)
+DEFAULT_PRUNE_NATS = None
 #: the default settings of :func:`noise_to_tokens`, as recorded in trajectory manifests and benchmarks
 DEFAULTS = {
     "solver": DEFAULT_SOLVER,
@@ -82,10 +85,6 @@ DEFAULTS = {
     "t_max": DEFAULT_T_MAX,
     "prune_nats": DEFAULT_PRUNE_NATS,
 }
-#: pruning is checked from the first step whose unit-scale time is at or below this (before, too few codes are
-#: 40 nats below a row's best for a compaction to pay), then at every other step
-_PRUNE_FROM_T = 0.2
-_PRUNE_EVERY = 2
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -129,7 +128,7 @@ def rescale_time(t: float, scale: float) -> float:
     log-SNR λ = log((1 − t)/t) shifted by −log(s). Scaling the codebook by s is exactly the reparametrisation
     u = (1 − t)/t → u/s of the flow (in the coordinate y = x/t, where dy/du = x̂0), so a grid that is accurate
     for one codebook is equally accurate for the scaled one."""
-    return scale * t / (scale * t + 1.0 - t)
+    return scale * t / (scale * t + (1.0 - t))  # exactly 1 at t = 1
 
 
 def solver_times(
@@ -156,7 +155,7 @@ def solver_times(
 # ------------------------------------------------------------------------------------------------------------
 # solver
 # ------------------------------------------------------------------------------------------------------------
-def _multistep_coefficients(ts: Sequence[float], solver: str) -> list[tuple[float, float, float, float]]:
+def multistep_coefficients(ts: Sequence[float], solver: str) -> list[tuple[float, float, float, float]]:
     """Per step i (from t = ts[i] to s = ts[i + 1]) the coefficients (cx, c0, c1, c2) of
     ``x_s = cx·x_t + c0·x̂0_i + c1·x̂0_(i−1) + c2·x̂0_(i−2)``.
 
@@ -190,35 +189,19 @@ def _multistep_coefficients(ts: Sequence[float], solver: str) -> list[tuple[floa
     return out
 
 
-def integrate(
-    denoise_fn: Callable[[Tensor, float, int], Tensor], x: Tensor, ts: Sequence[float], solver: str
-) -> Tensor:
-    """Integrate ``dx/dt = (x − x̂0(x, t)) / t`` from ts[0] = 1 to ts[-1]; returns the final x.
+_plans: dict[tuple, SolverPlan] = {}
 
-    ``denoise_fn(x, t, i)`` returns x̂0 in x's layout (any shape, element-wise solver arithmetic); ``i`` is the
-    index of t in ``ts`` (evaluation i of a step solver; Heun's second evaluation of step i passes ``i + 1``).
-    """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver={solver!r}: expected one of {SOLVERS}")
-    if solver == "heun":
-        for i, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
-            x0 = denoise_fn(x, t, i)
-            v1 = (x - x0) / t
-            xe = x + v1 * (s - t)
-            v2 = (xe - denoise_fn(xe, s, i + 1)) / s
-            x = x + (v1 + v2) * ((s - t) / 2.0)
-        return x
-    hist: list[Tensor] = []  # x̂0 of the previous evaluations with finite λ (newest last)
-    for i, (t, (cx, c0, c1, c2)) in enumerate(zip(ts[:-1], _multistep_coefficients(ts, solver))):
-        x0 = denoise_fn(x, t, i)
-        x = torch.add(x * cx, x0, alpha=c0)  # x·cx + c0·x̂0 (+ c1·m1 + c2·m2), one rounding per term
-        if c1:
-            x = x.add_(hist[-1], alpha=c1)
-        if c2:
-            x = x.add_(hist[-2], alpha=c2)
-        if t < 1.0:
-            hist = [*hist[-1:], x0]
-    return x
+
+def _plan(ts: Sequence[float], solver: str, device: torch.device) -> SolverPlan:
+    """The kernels' :class:`SolverPlan` for times ``ts`` (cached: a chooser calls the map once per step)."""
+    key = (tuple(ts), solver, device)
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) > 16:
+            _plans.clear()
+        coefficients = None if solver == "heun" else multistep_coefficients(ts, solver)
+        plan = _plans[key] = solver_plan(ts, coefficients, device)
+    return plan
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -279,7 +262,7 @@ def noise_to_tokens(
     grid: str | None = None,
     t_min: float | None = None,
     t_max: float | None = None,
-    prune_nats: float | None = DEFAULT_PRUNE_NATS,
+    prune_nats: float | None = DEFAULT_PRUNE_NATS,  # noqa: ARG001 - see the docstring
     scale: float | None = None,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> Tensor:
@@ -298,9 +281,10 @@ def noise_to_tokens(
             moved to the codebook's scale by :func:`rescale_time`. The token is the posterior argmax at the
             last time.
         scale: the codebook scale used by :func:`rescale_time` (default :func:`code_scale` of ``codebook``).
-        prune_nats: leave out codes whose posterior log-weight is certified to stay at least this far below
-            the best code's at every later evaluation (see :mod:`distilled_decoding.flow_kernels`; None: never
-            prune). Their total weight stays below V·e^−prune_nats, under float32 resolution for the default 30.
+        prune_nats: accepted (None or a positive number) so that settings recorded by earlier versions, which
+            left out codes this many nats below a row's best, keep working; the map now evaluates every allowed
+            code at every step, which is exact and on CPU faster than pruning (see
+            :mod:`distilled_decoding.flow_kernels`), so the value does not change the result.
         chunk_elements: rows are processed in chunks of at most this many (padded) codes in all, at least one
             row. Does not change the result.
 
@@ -315,7 +299,7 @@ def noise_to_tokens(
     if prune_nats is not None and not prune_nats > 0:
         raise ValueError(f"prune_nats={prune_nats!r}: expected a positive number or None")
     cb = codebook_layout(codebook)
-    ts, unit = solver_times(codebook, steps, grid, t_min, t_max, cb.scale if scale is None else scale)
+    ts, _ = solver_times(codebook, steps, grid, t_min, t_max, cb.scale if scale is None else scale)
     v, d = codebook.shape
     lead = noise.shape[:-1]
     lg = logits.reshape(-1, v)
@@ -327,15 +311,13 @@ def noise_to_tokens(
     if not bool(torch.isfinite(noise).all()):
         raise ValueError("noise: entries must be finite")
     x_all = noise.reshape(-1, d).float()
-    coefficients = None if solver == "heun" else _multistep_coefficients(ts, solver)
-    plan = solver_plan(ts, coefficients, noise.device)
-    first = next((i for i, t in enumerate(unit) if t <= _PRUNE_FROM_T), len(unit))
-    prune_at = set(range(first, len(unit) - 1, _PRUNE_EVERY))
-    rows = max(1, chunk_elements // padded_length(int(torch.isfinite(log_p).sum(dim=1).max())))
+    plan = _plan(ts, solver, noise.device)
+    finite = torch.isfinite(log_p)
+    counts = finite.sum(dim=1)
+    rows = max(1, chunk_elements // padded_length(int(counts.max())))
     for i in range(0, n, rows):
-        out[i : i + rows] = solve(
-            cb, log_p[i : i + rows], x_all[i : i + rows], ts, plan, solver == "heun", prune_at, prune_nats
-        )
+        j = i + rows
+        out[i:j] = solve(cb, log_p[i:j], finite[i:j], counts[i:j], x_all[i:j], plan)
     return out.reshape(lead)
 
 

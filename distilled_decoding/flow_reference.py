@@ -1,20 +1,54 @@
 """Plain float64 reference of the categorical flow map, for tests and benchmarks.
 
-Dense over every code of every row, no pruning, no batch-invariance engineering: the posterior log-weights
-``log p_j − ‖x − (1 − t)·c_j‖²/(2t²)`` in float64, ``softmax``, ``x̂0 = w @ codebook``, with the same time grid
-and solver (:func:`distilled_decoding.flow.integrate`) as :func:`distilled_decoding.flow.noise_to_tokens`, whose
-tokens should equal these on all but a vanishing fraction of rows (float32 vs float64 rounding near decision
-boundaries). Memory: (rows × V) float64 per chunk of rows.
+Dense over every code of every row, no batch-invariance engineering: the posterior log-weights
+``log p_j − ‖x − (1 − t)·c_j‖²/(2t²)`` in float64, ``softmax``, ``x̂0 = w @ codebook``, integrated with a plain
+loop (:func:`integrate`) on the same time grid and solver coefficients as
+:func:`distilled_decoding.flow.noise_to_tokens`, whose tokens should equal these on all but a vanishing fraction
+of rows (float32 vs float64 rounding near decision boundaries). Memory: (rows × V) float64 per chunk of rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor
 
-from distilled_decoding.flow import DEFAULT_SOLVER, SOLVERS, check_inputs, integrate, solver_times
+from distilled_decoding.flow import DEFAULT_SOLVER, SOLVERS, check_inputs, multistep_coefficients, solver_times
 
-__all__ = ["denoise", "noise_to_tokens", "posterior_logits"]
+__all__ = ["denoise", "integrate", "noise_to_tokens", "posterior_logits"]
+
+
+def integrate(
+    denoise_fn: Callable[[Tensor, float, int], Tensor], x: Tensor, ts: Sequence[float], solver: str
+) -> Tensor:
+    """Integrate ``dx/dt = (x − x̂0(x, t)) / t`` from ts[0] = 1 to ts[-1]; returns the final x.
+
+    ``denoise_fn(x, t, i)`` returns x̂0 for states x (N, D); ``i`` is the index of t in ``ts`` (Heun's second
+    evaluation of step i passes ``i + 1``). Multistep solvers use
+    :func:`distilled_decoding.flow.multistep_coefficients`.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r}: expected one of {SOLVERS}")
+    if solver == "heun":
+        for i, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
+            x0 = denoise_fn(x, t, i)
+            v1 = (x - x0) / t
+            xe = x + v1 * (s - t)
+            v2 = (xe - denoise_fn(xe, s, i + 1)) / s
+            x = x + (v1 + v2) * ((s - t) / 2.0)
+        return x
+    hist: list[Tensor] = []  # x̂0 of the previous evaluations with finite λ (newest last)
+    for i, (t, (cx, c0, c1, c2)) in enumerate(zip(ts[:-1], multistep_coefficients(ts, solver))):
+        x0 = denoise_fn(x, t, i)
+        x = x * cx + x0 * c0
+        if c1:
+            x = x + hist[-1] * c1
+        if c2:
+            x = x + hist[-2] * c2
+        if t < 1.0:
+            hist = [*hist[-1:], x0]
+    return x
 
 
 def _log_p64(logits: Tensor, name: str) -> Tensor:
