@@ -203,8 +203,6 @@ def sweep_configs(quick: bool) -> list[dict[str, Any]]:
     base = dict(solver=flow.DEFAULT_SOLVER, grid=flow.DEFAULT_GRID, steps=flow.DEFAULT_STEPS)
     for t_min in (0.02, 0.035, 0.07, 0.1):
         cfgs.append({**base, "t_min": t_min})
-    for prune in (None, 40.0, 20.0, 12.0):
-        cfgs.append({**base, "prune_nats": prune})
     cfgs.append({**base, "scale": 1.0})  # the unit-scale grid without the codebook-scale shift
     return cfgs
 

@@ -1,4 +1,5 @@
-"""The categorical flow map: pushforward, determinism, convergence, extreme inputs, validation."""
+"""The categorical flow map: pushforward, agreement with the float64 reference, determinism (batch, order,
+chunking, threads), the kernels' arithmetic, convergence, extreme inputs, validation."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import pytest
 import torch
 from scipy import stats
 
-from distilled_decoding import flow
+from distilled_decoding import flow, flow_reference
 from distilled_decoding.flow import denoise, noise_to_tokens, posterior_logits, time_grid, velocity
+from distilled_decoding.flow_kernels import fma_chain
 
 
 def _codebook(v: int, d: int, seed: int, normalise: bool = True) -> torch.Tensor:
@@ -150,6 +152,91 @@ def test_denoise_bits_do_not_depend_on_the_batch() -> None:
         for i in (0, 4, 8):
             assert torch.equal(full[i : i + 1], denoise(x[i : i + 1], 0.3, lp[i : i + 1], cb))
         assert torch.equal(full[2:9], denoise(x[2:9], 0.3, lp[2:9], cb))
+
+
+def test_bits_do_not_depend_on_the_thread_count() -> None:
+    """Same tokens and x̂0 bits with 1, 2 and 3 torch threads (the kernels never split a row between threads)."""
+    v, d, n = 4096, 8, 24
+    cb = _codebook(v, d, seed=30)
+    logits = _mixed_rows(n, v, seed=31)
+    noise = torch.randn(n, d, generator=torch.Generator().manual_seed(32))
+    lp = torch.randn(n, v, generator=torch.Generator().manual_seed(33)) * 3
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        results.append((noise_to_tokens(noise, logits, cb, steps=6), denoise(noise, 0.4, lp, cb)))
+    for tok, x0 in results[1:]:
+        assert torch.equal(tok, results[0][0])
+        assert torch.equal(x0, results[0][1])
+
+
+def test_fma_chain_is_a_sequential_fused_multiply_add() -> None:
+    """The kernels' chains are defined as acc ← fma(w_i, row_i, acc) over a bag's entries in order, from 0: check
+    embedding_bag computes exactly that, for the widths the kernels use, including zero-weight padding at the end."""
+    g = torch.Generator().manual_seed(40)
+    for width, n in [(9, 300), (10, 6), (256, 10), (16384, 10)]:
+        table = torch.randn(64, width, generator=g)
+        index = torch.randint(0, 64, (2 * n,), generator=g)
+        weights = torch.randn(2 * n, generator=g) * torch.rand(2 * n, generator=g) ** 4
+        weights[n - 3 : n] = 0.0  # the first bag ends in padding
+        out = fma_chain(index.int(), table, torch.tensor([0, n], dtype=torch.int32), weights)
+        for b in range(2):
+            acc = torch.zeros(width)
+            for i in range(b * n, (b + 1) * n):
+                acc = torch.addcmul(acc, table[index[i]], weights[i].expand(width))
+            assert torch.equal(out[b], acc), (width, b)
+        shorter = fma_chain(index[: n - 3].int(), table, torch.tensor([0], dtype=torch.int32), weights[: n - 3])
+        assert torch.equal(shorter[0], out[0])
+
+
+@pytest.mark.parametrize("solver, steps", [("dpm3m", None), ("euler", 6), ("heun", 5)])
+def test_fast_map_matches_the_float64_reference(solver: str, steps: int | None) -> None:
+    """Token-identical to the dense float64 reference on mixed rows (full support, top-k of random sizes, one-hot;
+    rows of several canonical lengths in one call), up to rounding at decision boundaries (≤ 0.2 %)."""
+    for v, d, normalise in [(512, 8, True), (100, 5, False)]:
+        n = 1200
+        cb = _codebook(v, d, seed=50 + v, normalise=normalise)
+        logits = _mixed_rows(n, v, seed=51 + v)
+        noise = torch.randn(n, d, generator=torch.Generator().manual_seed(52 + v))
+        fast = noise_to_tokens(noise, logits, cb, steps=steps, solver=solver)
+        ref = flow_reference.noise_to_tokens(noise, logits, cb, steps=steps, solver=solver)
+        assert int((fast != ref).sum()) <= n // 500, (v, solver, int((fast != ref).sum()))
+
+
+def test_denoise_matches_the_reference_on_large_codebooks() -> None:
+    """The blocked weighted sums (rows longer than 1024 codes) agree with float64 to float32 accuracy."""
+    v, d = 16384, 8
+    cb = _codebook(v, d, seed=60)
+    g = torch.Generator().manual_seed(61)
+    x = torch.randn(6, d, generator=g)
+    lp = torch.randn(6, v, generator=g) * 4
+    lp[1, 3000:] = float("-inf")
+    for t in (0.9, 0.3, 0.08):
+        ref = flow_reference.denoise(x, t, lp, cb)
+        torch.testing.assert_close(denoise(x, t, lp, cb).double(), ref, atol=2e-6, rtol=1e-5)
+
+
+def test_codebook_cache_follows_in_place_changes() -> None:
+    """The prepared codebook is cached per tensor; an in-place change must not leave a stale copy behind."""
+    v, d, n = 64, 4, 400
+    cb = _codebook(v, d, seed=70)
+    logits = torch.randn(n, v, generator=torch.Generator().manual_seed(71))
+    noise = torch.randn(n, d, generator=torch.Generator().manual_seed(72))
+    before = noise_to_tokens(noise, logits, cb, steps=8)
+    cb.mul_(-1.0)
+    after = noise_to_tokens(noise, logits, cb, steps=8)
+    assert torch.equal(after, noise_to_tokens(noise, logits, cb.clone(), steps=8))
+    assert not torch.equal(before, after)
+
+
+def test_prune_nats_is_accepted_and_changes_nothing() -> None:
+    """Settings recorded by versions that pruned (prune_nats=30) still run, with the exact (unpruned) result."""
+    v, d, n = 2048, 8, 64
+    cb = _codebook(v, d, seed=80)
+    logits = _mixed_rows(n, v, seed=81)
+    noise = torch.randn(n, d, generator=torch.Generator().manual_seed(82))
+    assert flow.DEFAULTS["prune_nats"] is None
+    assert torch.equal(noise_to_tokens(noise, logits, cb, prune_nats=30.0), noise_to_tokens(noise, logits, cb))
 
 
 # ------------------------------------------------------------------------------------------------------------
