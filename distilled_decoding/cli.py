@@ -2,7 +2,7 @@
 
     distilled-decoding distill [--config cfg.yaml] [section.field=value ...]   # the end-to-end job
     distilled-decoding evaluate --output-dir runs/digits                       # re-run the evaluation stage
-    distilled-decoding bench [--what sampler,trajectories,pipeline] [--gpt-b] [--out bench.json]
+    distilled-decoding bench [--what sampler,trajectories,pipeline,par] [--gpt-b] [--out bench.json]
 
 (Never ``dd``: that name belongs to the coreutils tool.)
 """
@@ -58,9 +58,9 @@ def _bench(args: argparse.Namespace) -> int:
     from distilled_decoding.recipe import TeacherConfig
 
     what = {w.strip() for w in args.what.split(",") if w.strip()}
-    unknown = what - {"sampler", "trajectories", "pipeline"}
+    unknown = what - {"sampler", "trajectories", "pipeline", "par"}
     if unknown:
-        raise SystemExit(f"--what: unknown {sorted(unknown)}; expected sampler, trajectories, pipeline")
+        raise SystemExit(f"--what: unknown {sorted(unknown)}; expected sampler, trajectories, pipeline, par")
     if args.threads:
         torch.set_num_threads(args.threads)
     out: dict[str, Any] = {"env": bench.environment()}
@@ -73,6 +73,21 @@ def _bench(args: argparse.Namespace) -> int:
         out["trajectories_default"] = bench.bench_trajectories(default_gpt, default_vq.codebook, (1, 16),
                                                                sampling=sampling)  # fmt: skip
         _show("trajectories (embedded default)", out["trajectories_default"])
+    if "par" in what:
+        par_cfg = TeacherConfig(kind="par")
+        if Path(par_cfg.model).exists():
+            par, _ = par_cfg.load()
+            vq = default_vq
+
+            def decode(v: torch.Tensor) -> torch.Tensor:
+                return vq.decode_vectors(v).float().clamp(-1, 1).add(1).div(2)
+
+            teachers = {"LlamaGen raster": default_gpt, f"PAR-{par.ar_token_num}x (converted)": par}
+            out["par_vs_raster"] = bench.bench_teachers(teachers, vq.codebook.detach(), decode,
+                                                        tuple(args.batch_sizes), sampling=sampling)  # fmt: skip
+            _show("PAR vs raster teacher (images/s with decode; trajectory pairs/s)", out["par_vs_raster"])
+        else:
+            print(f"--what par: {par_cfg.model} does not exist (python recipes/train_par_teacher.py makes it)")
     if args.gpt_b and what & {"sampler", "trajectories"}:
         gpt, vq = _gpt_b_shape(vq_too=True)
         if "sampler" in what:
@@ -118,7 +133,16 @@ def _show(title: str, result: dict[str, Any]) -> None:
         flat = []
         for k, v in row.items():
             if isinstance(v, dict):
-                keys = ("tokens_per_s", "images_per_s", "peak_mib", "speedup_vs_teacher")
+                keys = (
+                    "steps",
+                    "tokens_per_s",
+                    "images_per_s",
+                    "pairs_per_s",
+                    "peak_mib",
+                    "speedup_vs_teacher",
+                    "images_per_s_vs_first",
+                    "pairs_per_s_vs_first",
+                )
                 flat.append(f"{k}: " + ", ".join(f"{kk} {v[kk]:.4g}" for kk in keys if kk in v))
             else:
                 flat.append(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
@@ -140,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("overrides", nargs="*")
     e.set_defaults(fn=_evaluate)
     b = sub.add_parser("bench", help="speed and memory benchmarks (JSON)")
-    b.add_argument("--what", default="sampler,trajectories,pipeline")
+    b.add_argument(
+        "--what",
+        default="sampler,trajectories,pipeline,par",
+        help="par: the converted PAR-4x digits teacher vs the raster one, --batch-sizes",
+    )
     b.add_argument("--pipeline", default="runs/digits/pipeline", help="a distilled pipeline folder (default job)")
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     b.add_argument("--gpt-b", action="store_true", help="also at GPT-B shape with random weights")

@@ -31,7 +31,16 @@ from tqdm.auto import tqdm
 
 from distilled_decoding.trajectories import TrajectoryDataset
 
-__all__ = ["DistillConfig", "train_student", "load_config", "latest_checkpoint"]
+__all__ = [
+    "DistillConfig",
+    "train_student",
+    "load_config",
+    "latest_checkpoint",
+    "StepBatches",
+    "StepCounter",
+    "save_checkpoint",
+    "resume_latest",
+]
 
 
 @dataclass
@@ -130,7 +139,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
 # ----------------------------------------------------------------------------------------------------------
 # deterministic data order
 # ----------------------------------------------------------------------------------------------------------
-class _StepBatches(torch.utils.data.Sampler[list[int]]):
+class StepBatches(torch.utils.data.Sampler[list[int]]):
     """Global batches for micro-steps ``start..stop-1``: epoch e is ``randperm(n, seed + e)``, batches are
     consecutive slices of the concatenated epochs, so batch k is a function of (seed, k) only."""
 
@@ -158,7 +167,7 @@ def _collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
-class _Counter:
+class StepCounter:
     """Checkpointed training progress (optimizer steps and micro-steps)."""
 
     def __init__(self) -> None:
@@ -187,6 +196,22 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The newest complete ``checkpoints/checkpoint_<n>`` folder (Accelerate ``save_state`` + our marker)."""
     complete = [p for _, p in _checkpoints(output_dir) if (p / COMPLETE).exists()]
     return complete[-1] if complete else None
+
+
+def resume_latest(acc: Any, output_dir: str | os.PathLike) -> Path | None:
+    """Drop checkpoints cut short by a kill (no marker), load the newest complete one into ``acc`` (models,
+    optimizers, schedulers, registered objects, RNG states) and continue its numbering; returns it (None: fresh)."""
+    resume = latest_checkpoint(output_dir)
+    if acc.is_main_process:
+        for _, p in _checkpoints(output_dir):
+            if not (p / COMPLETE).exists():
+                shutil.rmtree(p)
+    acc.wait_for_everyone()
+    if resume is not None:
+        acc.load_state(str(resume))
+        acc.project_configuration.iteration = int(resume.name.split("_")[1]) + 1
+        acc.print(f"resumed from {resume}")
+    return resume
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -270,24 +295,15 @@ def train_student(
     ema = EMAModel(student.parameters(), decay=cfg.ema_decay, foreach=False)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
-    counter = _Counter()
+    counter = StepCounter()
     student, opt, sched = acc.prepare(student, opt, sched)
     ema.to(acc.device)
     acc.register_for_checkpointing(counter, ema)
 
-    resume = latest_checkpoint(out)
-    if acc.is_main_process:  # a checkpoint cut short by a kill has no marker: drop it
-        for _, p in _checkpoints(out):
-            if not (p / COMPLETE).exists():
-                shutil.rmtree(p)
-    acc.wait_for_everyone()
-    if resume is not None:
-        acc.load_state(str(resume))
-        acc.project_configuration.iteration = int(resume.name.split("_")[1]) + 1
-        acc.print(f"resumed from {resume} at step {counter.step}")
+    resume_latest(acc, out)
     start_step = counter.step
 
-    sampler = _StepBatches(len(ds), cfg.batch_size, cfg.seed, counter.micro, cfg.max_steps * cfg.grad_accum)
+    sampler = StepBatches(len(ds), cfg.batch_size, cfg.seed, counter.micro, cfg.max_steps * cfg.grad_accum)
     dl = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=_collate, num_workers=cfg.num_workers)
     dl = acc.prepare_data_loader(dl, device_placement=True)
     if cfg.log_with:
@@ -325,12 +341,12 @@ def train_student(
         if cfg.log_with and counter.step % max(cfg.log_every, 1) == 0:
             acc.log(logs, step=counter.step)
         if cfg.save_every and counter.step % cfg.save_every == 0 and counter.step < cfg.max_steps:
-            _save(acc)
+            save_checkpoint(acc)
         if fixed is not None and counter.step % cfg.sample_every == 0 and acc.is_main_process:
             _save_grid(acc.unwrap_model(student), ema, fixed, decode, out / "samples" / f"step_{counter.step:06d}.png")
     bar.close()
     if counter.step > start_step:
-        _save(acc)
+        save_checkpoint(acc)
     acc.wait_for_everyone()
     final = acc.unwrap_model(student)
     ema.copy_to(final.parameters())
@@ -345,7 +361,8 @@ def train_student(
     return final
 
 
-def _save(acc: Any) -> None:
+def save_checkpoint(acc: Any) -> None:
+    """``acc.save_state()`` into the next ``checkpoints/checkpoint_<n>``, then the marker that makes it complete."""
     path = Path(acc.save_state())
     acc.wait_for_everyone()
     if acc.is_main_process:

@@ -14,16 +14,32 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from distilled_decoding.samplers import OneStepStar, RefinedSampler, Sampler, SkipN, TeacherSampler, marginals
+from distilled_decoding.samplers import (
+    OneStepStar,
+    RefinedSampler,
+    Reordered,
+    Sampler,
+    SkipN,
+    TeacherSampler,
+    marginals,
+)
 
-__all__ = ["standard_samplers", "evaluate_pipeline", "evaluate_job", "format_table", "save_grid"]
+__all__ = [
+    "standard_samplers",
+    "measure_samplers",
+    "evaluate_pipeline",
+    "extra_teacher_samplers",
+    "evaluate_job",
+    "format_table",
+    "save_grid",
+]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -64,6 +80,52 @@ def standard_samplers(
 
 
 @torch.no_grad()
+def measure_samplers(
+    samplers: Sequence[Sampler],
+    decode: Callable[[Tensor], Tensor],
+    noise: Tensor,
+    labels: Tensor,
+    reference: Tensor | str | Path,
+    *,
+    batch_size: int = 250,
+    feature_extractor: str = "digits-cnn",
+    classifier: Any = None,
+    progress: bool = True,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Tensor]]:
+    """Run every sampler on the same ``noise`` (M, N, D) and ``labels`` (M,) in batches of ``batch_size``, decode
+    with ``decode`` (vectors (B, N, D) → images (B, 3, H, W) in [0, 1]) and measure the images against
+    ``reference`` (uint8 (R, 3, H, W) digits: class accuracy too; a folder of images: no class accuracy).
+
+    Returns ``(rows, images)``: per sampler name the metrics (fid, is, precision, recall, class_acc, steps,
+    images_per_s at this batch size) and the uint8 images (M, 3, H, W)."""
+    from tqdm.auto import tqdm
+
+    from distilled_decoding.digits import to_uint8
+    from distilled_decoding.metrics import class_accuracy, compute_metrics
+
+    rows: dict[str, dict[str, Any]] = {}
+    images: dict[str, Tensor] = {}
+    num_images = noise.shape[0]
+    digits = not isinstance(reference, (str, Path))  # class accuracy needs the digits classifier's classes
+    for sampler in tqdm(samplers, desc="evaluating", unit="sampler", disable=not progress):
+        name, chunks, seconds = sampler.name, [], 0.0
+        for s in range(0, num_images, batch_size):
+            z, y = noise[s : s + batch_size], labels[s : s + batch_size]
+            out, dt = _timed(lambda z=z, y=y, sampler=sampler: decode(sampler(z, y)[0]))
+            chunks.append(to_uint8(out.cpu(), (0.0, 1.0)))
+            seconds += dt
+        imgs = torch.cat(chunks)
+        images[name] = imgs
+        m = compute_metrics(imgs, reference, feature_extractor=feature_extractor)
+        rows[name] = {
+            "fid": m["fid"], "is": m["is"], "precision": m["precision"], "recall": m["recall"],
+            "class_acc": class_accuracy(imgs, labels, classifier) if digits else None, "steps": sampler.steps,
+            "images_per_s": num_images / seconds,
+        }  # fmt: skip
+    return rows, images
+
+
+@torch.no_grad()
 def evaluate_pipeline(
     pipe: Any,
     teacher: Any,
@@ -77,47 +139,31 @@ def evaluate_pipeline(
     probs: Tensor | None = None,
     feature_extractor: str = "digits-cnn",
     classifier: Any = None,
+    extra: Sequence[Sampler] = (),
     progress: bool = True,
 ) -> dict[str, Any]:
     """Generate ``num_images`` images per sampler from the same noise and classes and measure them.
 
     reference: real images, uint8 (M, 3, H, W), or a folder of real images (no class accuracy then).
     probs: per-class marginals (C, N, V) for the baselines (None: no baselines).
+    extra: more samplers, as rows right after the teacher's (e.g. another teacher, :class:`Reordered` into the
+    student's sequence order).
     Returns ``{"rows": {name: metrics}, "images": {name: uint8 (B, 3, H, W)}, "labels", "settings"}``.
     """
-    from tqdm.auto import tqdm
-
-    from distilled_decoding.digits import to_uint8
-    from distilled_decoding.metrics import class_accuracy, compute_metrics
-
     student = pipe.student
     n_tok, dim = pipe.noise_shape
     labels = torch.arange(num_images) % student.num_classes
     noise = torch.randn(num_images, n_tok, dim, generator=torch.Generator().manual_seed(seed))
     samplers = standard_samplers(pipe, teacher, refine=refine, skip=skip, probs=probs, seed=seed)
     refine = next((s.teacher_tokens for s in samplers if isinstance(s, RefinedSampler)), refine)
-
-    rows: dict[str, dict[str, Any]] = {}
-    images: dict[str, Tensor] = {}
-    digits = not isinstance(reference, (str, Path))  # class accuracy needs the digits classifier's classes
-    for sampler in tqdm(samplers, desc="evaluating", unit="sampler", disable=not progress):
-        name, chunks, seconds = sampler.name, [], 0.0
-        for s in range(0, num_images, batch_size):
-            z, y = noise[s : s + batch_size], labels[s : s + batch_size]
-            out, dt = _timed(lambda z=z, y=y, sampler=sampler: pipe.decode(sampler(z, y)[0]))
-            chunks.append(to_uint8(out.cpu(), (0.0, 1.0)))
-            seconds += dt
-        imgs = torch.cat(chunks)
-        images[name] = imgs
-        m = compute_metrics(imgs, reference, feature_extractor=feature_extractor)
-        rows[name] = {
-            "fid": m["fid"], "is": m["is"], "precision": m["precision"], "recall": m["recall"],
-            "class_acc": class_accuracy(imgs, labels, classifier) if digits else None, "steps": sampler.steps,
-            "images_per_s": num_images / seconds,
-        }  # fmt: skip
+    samplers = [samplers[0], *extra, *samplers[1:]]
+    rows, images = measure_samplers(samplers, pipe.decode, noise, labels, reference, batch_size=batch_size,
+                                    feature_extractor=feature_extractor, classifier=classifier,
+                                    progress=progress)  # fmt: skip
     base = rows["teacher AR (flow map)"]["images_per_s"]
     for r in rows.values():
         r["speedup"] = r["images_per_s"] / base
+    digits = not isinstance(reference, (str, Path))
     settings = {"num_images": num_images, "batch_size": batch_size, "seed": seed,
                 "refine": list(refine) if refine else None,
                 "skip": list(skip), "feature_extractor": feature_extractor,
@@ -148,6 +194,36 @@ def save_grid(images: dict[str, Tensor], labels: Tensor, path: str | Path, rows:
     save_image(grid, str(path), nrow=len(cols), padding=2, pad_value=1.0)
 
 
+def extra_teacher_samplers(entries: Sequence[dict[str, Any]], pipe: Any) -> list[Sampler]:
+    """Table rows for other teachers of the same tokenizer (``evaluate.extra_teachers``): each entry is
+    ``{"name": row name, **TeacherConfig fields}``. The teacher decodes through the flow map with the pipeline's
+    sampling settings, flow map and codebook, its output moved into the student's sequence order. An entry whose
+    model does not exist (e.g. the converted PAR before ``recipes/train_par_teacher.py`` made it) or whose tokenizer
+    differs from the pipeline's (e.g. the digits rows of the default config in a job on another teacher) is left out
+    with a notice."""
+    from distilled_decoding.recipe import TeacherConfig
+
+    out: list[Sampler] = []
+    sampling = dict(pipe.info.get("teacher_sampling") or {})
+    flow = dict(pipe.info.get("flow") or {})
+    codebook = pipe.student.codebook
+    for entry in entries:
+        fields = {k: v for k, v in entry.items() if k != "name"}
+        tc = TeacherConfig(**fields)
+        if not Path(tc.model).exists():
+            print(f"evaluate.extra_teachers: {tc.model} does not exist; the row {entry['name']!r} is left out")
+            continue
+        teacher, tok = tc.load()
+        theirs = getattr(tok, "codebook", None) if tok is not None else getattr(teacher, "codebook", None)
+        if theirs is None or theirs.shape != codebook.shape or not torch.allclose(theirs.float().cpu(), codebook.cpu()):
+            print(f"evaluate.extra_teachers: {tc.model} uses another tokenizer than this job's (codebook "
+                  f"{tuple(codebook.shape)}); the row {entry['name']!r} is left out")  # fmt: skip
+            continue
+        sampler = TeacherSampler(teacher, codebook, sampling, "flow", flow, label=str(entry["name"]))
+        out.append(Reordered(sampler, teacher.token_order, pipe.student.token_order))
+    return out
+
+
 def evaluate_job(cfg: Any, teacher: Any, vq: Any) -> dict[str, Any]:
     """The ``evaluate`` stage of :func:`distilled_decoding.recipe.run`: table, JSON, markdown and grid PNG."""
     from distilled_decoding.digits import load_digits_images
@@ -173,9 +249,11 @@ def evaluate_job(cfg: Any, teacher: Any, vq: Any) -> dict[str, Any]:
         reference = Path(ec.reference)
     result = evaluate_pipeline(pipe, teacher, reference, num_images=ec.num_images, batch_size=ec.batch_size,
                                seed=ec.seed, refine=tuple(ec.refine) if ec.refine else None, skip=skip, probs=probs,
-                               feature_extractor=ec.feature_extractor)  # fmt: skip
+                               feature_extractor=ec.feature_extractor,
+                               extra=extra_teacher_samplers(ec.extra_teachers, pipe))  # fmt: skip
     rows = result["rows"]
-    grid_rows = [r for r in rows if r.startswith(("teacher", "DD"))]
+    extra_names = {str(e["name"]) for e in ec.extra_teachers}
+    grid_rows = [r for r in rows if r.startswith(("teacher", "DD")) or r in extra_names]
     save_grid(result["images"], result["labels"], out / "samples_grid.png", grid_rows, ec.grid_columns)
     table = format_table(rows)
     teacher_row = rows["teacher AR (flow map)"]
