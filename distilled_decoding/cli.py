@@ -109,7 +109,8 @@ def _bench(args: argparse.Namespace) -> int:
             )
         pipe = DistilledDecodingPipeline.from_pretrained(pdir)
         pipe.set_progress_bar_config(disable=True)
-        out["pipeline_default"] = bench.bench_pipeline(pipe, default_gpt, tuple(args.batch_sizes))
+        teacher, _ = TeacherConfig(kind=type(pipe.student).family).load()  # the family's embedded teacher
+        out["pipeline_default"] = bench.bench_pipeline(pipe, teacher, tuple(args.batch_sizes))
         _show("pipeline (embedded default)", out["pipeline_default"])
         if args.gpt_b:
             from distilled_decoding.students.llamagen import DDStudent
@@ -169,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         default="sampler,trajectories,pipeline,par",
         help="par: the converted PAR-4x digits teacher vs the raster one, --batch-sizes",
     )
-    b.add_argument("--pipeline", default="runs/digits/pipeline", help="a distilled pipeline folder (default job)")
+    b.add_argument(
+        "--pipeline",
+        default="runs/digits/pipeline",
+        help="a distilled pipeline folder of an embedded teacher (default job; runs/digits_par/pipeline: PAR)",
+    )
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     b.add_argument("--gpt-b", action="store_true", help="also at GPT-B shape with random weights")
     b.add_argument("--gpt-b-batch-sizes", type=int, nargs="+", default=[1, 16])
