@@ -53,6 +53,7 @@ _EXPORTS = {
     # students, losses, samplers and pipeline
     "DDStudent": "distilled_decoding.students.llamagen",
     "DDVARStudent": "distilled_decoding.students.var",
+    "DDPARStudent": "distilled_decoding.students.par",
     "student_from_teacher": "distilled_decoding.students",
     "DistillConfig": "distilled_decoding.distill",
     "train_student": "distilled_decoding.distill",
@@ -133,6 +134,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from distilled_decoding.sampling import FlowChooser, MultinomialChooser, sample_tokens
     from distilled_decoding.students import student_from_teacher
     from distilled_decoding.students.llamagen import DDStudent
+    from distilled_decoding.students.par import DDPARStudent
     from distilled_decoding.students.var import DDVARStudent
     from distilled_decoding.teachers import (
         Teacher,

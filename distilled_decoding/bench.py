@@ -8,6 +8,9 @@
   ordinary decoding (KV cache, multinomial: the honest baseline every speedup divides by), the teacher through the
   flow map (the trajectory mapping), DD 1-step, DD 2-step and teacher-refined sampling, plus DD 1-step's floor
   (one student forward + the decode);
+* :func:`bench_teachers` — teachers of one tokenizer side by side (e.g. the raster LlamaGen and its PAR-4×
+  conversion): images/s of flow-map decoding + the tokenizer's decode, and trajectory pairs/s (flow-map decoding
+  alone, what :func:`~distilled_decoding.trajectories.build_trajectories` runs), each as a ratio to the first;
 * :func:`random_llamagen` — real-shape LlamaGen teachers with random weights for the size benchmarks.
 
 ``distilled-decoding bench`` and the scripts in ``benchmarks/`` call these and write JSON.
@@ -35,6 +38,7 @@ __all__ = [
     "bench_sampler",
     "bench_trajectories",
     "bench_pipeline",
+    "bench_teachers",
     "environment",
     "random_llamagen",
 ]
@@ -324,6 +328,58 @@ def bench_pipeline(
         results[f"batch_{b}"] = row
     return {"student": type(student).__name__, "tokens": n_tok, "refine": list(refine), "results": results,
             "env": environment()}  # fmt: skip
+
+
+@torch.no_grad()
+def bench_teachers(
+    teachers: dict[str, Any],
+    codebook: Tensor,
+    decode: Callable[[Tensor], Tensor],
+    batch_sizes: tuple[int, ...] = (1, 64),
+    *,
+    sampling: dict[str, Any] | None = None,
+    repeat: int = 3,
+    flow_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Teachers of one tokenizer side by side, interleaved so that machine-load drift hits all alike.
+
+    ``teachers``: row name → teacher (the first is the baseline of the ratios); ``decode``: vectors (B, N, D) in the
+    tokenizer's order → images. Per batch size and teacher: ``images_per_s`` (flow-map decoding with ``sampling`` +
+    the decode), ``pairs_per_s`` (flow-map decoding alone: trajectory building), ``steps`` and both ratios to the
+    first teacher."""
+    from distilled_decoding.samplers import Reordered, TeacherSampler
+
+    sampling = dict(sampling or {"cfg_scale": 2.0})
+    device = codebook.device
+    samplers = {name: Reordered(TeacherSampler(t, codebook, sampling, "flow", dict(flow_kwargs or {})), t.token_order)
+                for name, t in teachers.items()}  # fmt: skip
+    first = next(iter(teachers.values()))
+    results: dict[str, Any] = {}
+    for b in batch_sizes:
+        noise = torch.randn(b, first.seq_len, codebook.shape[1], generator=torch.Generator().manual_seed(b)).to(device)
+        labels = torch.arange(b, device=device) % first.num_classes
+        times: dict[str, dict[str, list[float]]] = {n: {"images": [], "pairs": []} for n in samplers}
+        for r in range(repeat + 1):  # the first round is the warm-up
+            for name, s in samplers.items():
+                for kind, fn in (("pairs", lambda s=s: s(noise, labels)),
+                                 ("images", lambda s=s: decode(s(noise, labels)[0]))):  # fmt: skip
+                    _sync()
+                    t0 = time.perf_counter()
+                    fn()
+                    _sync()
+                    if r:
+                        times[name][kind].append(time.perf_counter() - t0)
+        row: dict[str, Any] = {}
+        for name, s in samplers.items():
+            ti, tp = statistics.median(times[name]["images"]), statistics.median(times[name]["pairs"])
+            row[name] = {"steps": s.steps, "images_s": ti, "images_per_s": b / ti, "pairs_s": tp, "pairs_per_s": b / tp}
+        base = row[next(iter(samplers))]
+        for r_ in row.values():
+            r_["images_per_s_vs_first"] = r_["images_per_s"] / base["images_per_s"]
+            r_["pairs_per_s_vs_first"] = r_["pairs_per_s"] / base["pairs_per_s"]
+        results[f"batch_{b}"] = row
+    return {"teachers": {n: _describe(t) for n, t in teachers.items()}, "sampling": sampling, "repeat": repeat,
+            "results": results, "env": environment()}  # fmt: skip
 
 
 def _describe(model: Any) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
     distilled-decoding distill [--config cfg.yaml] [section.field=value ...]   # the end-to-end job
     distilled-decoding evaluate --output-dir runs/digits                       # re-run the evaluation stage
-    distilled-decoding bench [--what sampler,trajectories,pipeline] [--gpt-b] [--out bench.json]
+    distilled-decoding bench [--what sampler,trajectories,pipeline,par] [--gpt-b] [--out bench.json]
     distilled-decoding bench --suite gpu --out gpu.json [--official-llamagen /path] [--compile]   # one GPU
     distilled-decoding bench --quick --out quick.json                                            # CPU smoke test
 
@@ -70,9 +70,9 @@ def _bench(args: argparse.Namespace) -> int:
             print(f"wrote {args.out}")
         return 0
     what = {w.strip() for w in args.what.split(",") if w.strip()}
-    unknown = what - {"sampler", "trajectories", "pipeline"}
+    unknown = what - {"sampler", "trajectories", "pipeline", "par"}
     if unknown or not what:
-        raise ConfigError(f"--what: unknown {sorted(unknown)}; expected some of sampler, trajectories, pipeline")
+        raise ConfigError(f"--what: unknown {sorted(unknown)}; expected some of sampler, trajectories, pipeline, par")
     for name in ("batch_sizes", "gpt_b_batch_sizes"):
         if any(b < 1 for b in getattr(args, name)):
             raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected ints >= 1")
@@ -93,6 +93,21 @@ def _bench(args: argparse.Namespace) -> int:
         out["trajectories_default"] = bench.bench_trajectories(default_gpt, default_vq.codebook, (1, 16),
                                                                sampling=sampling)  # fmt: skip
         _show("trajectories (embedded default)", out["trajectories_default"])
+    if "par" in what:
+        par_cfg = TeacherConfig(kind="par")
+        if Path(par_cfg.model).exists():
+            par, _ = par_cfg.load()
+            vq = default_vq
+
+            def decode(v: torch.Tensor) -> torch.Tensor:
+                return vq.decode_vectors(v).float().clamp(-1, 1).add(1).div(2)
+
+            teachers = {"LlamaGen raster": default_gpt, f"PAR-{par.ar_token_num}x (converted)": par}
+            out["par_vs_raster"] = bench.bench_teachers(teachers, vq.codebook.detach(), decode,
+                                                        tuple(args.batch_sizes), sampling=sampling)  # fmt: skip
+            _show("PAR vs raster teacher (images/s with decode; trajectory pairs/s)", out["par_vs_raster"])
+        else:
+            print(f"--what par: {par_cfg.model} does not exist (python recipes/train_par_teacher.py makes it)")
     if args.gpt_b and what & {"sampler", "trajectories"}:
         gpt, vq = bench.random_llamagen("GPT-B"), VQTokenizer.from_preset("VQ-16").eval()
         if "sampler" in what:
@@ -109,7 +124,8 @@ def _bench(args: argparse.Namespace) -> int:
 
         pipe = DistilledDecodingPipeline.from_pretrained(pdir)
         pipe.set_progress_bar_config(disable=True)
-        out["pipeline_default"] = bench.bench_pipeline(pipe, default_gpt, tuple(args.batch_sizes))
+        teacher, _ = TeacherConfig(kind=type(pipe.student).family).load()  # the family's embedded teacher
+        out["pipeline_default"] = bench.bench_pipeline(pipe, teacher, tuple(args.batch_sizes))
         _show("pipeline (embedded default)", out["pipeline_default"])
         if args.gpt_b:
             from distilled_decoding.students.llamagen import DDStudent
@@ -134,7 +150,16 @@ def _show(title: str, result: dict[str, Any]) -> None:
         flat = []
         for k, v in row.items():
             if isinstance(v, dict):
-                keys = ("tokens_per_s", "images_per_s", "peak_mib", "speedup_vs_teacher")
+                keys = (
+                    "steps",
+                    "tokens_per_s",
+                    "images_per_s",
+                    "pairs_per_s",
+                    "peak_mib",
+                    "speedup_vs_teacher",
+                    "images_per_s_vs_first",
+                    "pairs_per_s_vs_first",
+                )
                 flat.append(f"{k}: " + ", ".join(f"{kk} {v[kk]:.4g}" for kk in keys if kk in v))
             else:
                 flat.append(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
@@ -170,8 +195,16 @@ def main(argv: list[str] | None = None) -> int:
         help="suite: autocast dtype (default bfloat16 on CUDA, float32 on CPU)",
     )
     b.add_argument("--compile", action="store_true", help="suite: also DD 1-step with the student under torch.compile")
-    b.add_argument("--what", default="sampler,trajectories,pipeline")
-    b.add_argument("--pipeline", default="runs/digits/pipeline", help="a distilled pipeline folder (default job)")
+    b.add_argument(
+        "--what",
+        default="sampler,trajectories,pipeline,par",
+        help="par: the converted PAR-4x digits teacher vs the raster one, --batch-sizes",
+    )
+    b.add_argument(
+        "--pipeline",
+        default="runs/digits/pipeline",
+        help="a distilled pipeline folder of an embedded teacher (default job; runs/digits_par/pipeline: PAR)",
+    )
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     b.add_argument("--gpt-b", action="store_true", help="also at GPT-B shape with random weights")
     b.add_argument("--gpt-b-batch-sizes", type=int, nargs="+", default=[1, 16])

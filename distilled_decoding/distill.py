@@ -39,7 +39,14 @@ from distilled_decoding.training_state import (
 )
 from distilled_decoding.trajectories import TrajectoryDataset, TrajectoryError
 
-__all__ = ["DistillConfig", "train_student", "load_config", "latest_checkpoint"]
+__all__ = [
+    "DistillConfig",
+    "train_student",
+    "load_config",
+    "latest_checkpoint",
+    "StepBatches",
+    "StepCounter",
+]
 
 
 @dataclass
@@ -141,7 +148,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
 # ----------------------------------------------------------------------------------------------------------
 # deterministic data order
 # ----------------------------------------------------------------------------------------------------------
-class _StepBatches(torch.utils.data.Sampler[list[int]]):
+class StepBatches(torch.utils.data.Sampler[list[int]]):
     """Global batches for micro-steps ``start..stop-1``: epoch e is ``randperm(n, seed + e)``, batches are
     consecutive slices of the concatenated epochs, so batch k is a function of (seed, k) only."""
 
@@ -169,7 +176,7 @@ def _collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
-class _Counter:
+class StepCounter:
     """Checkpointed training progress (optimizer steps and micro-steps)."""
 
     def __init__(self) -> None:
@@ -289,7 +296,7 @@ def _train_student(cfg, *, teacher, codebook, student, decode, image_loss) -> to
     ema = EMAModel(student.parameters(), decay=cfg.ema_decay, foreach=False)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
-    counter = _Counter()
+    counter = StepCounter()
     student, opt, sched = acc.prepare(student, opt, sched)
     ema.to(acc.device)
     states = {"model": student, "optimizer": opt, "scheduler": sched, "ema": ema, "counter": counter}
@@ -303,7 +310,7 @@ def _train_student(cfg, *, teacher, codebook, student, decode, image_loss) -> to
         acc.print(f"resumed from {resume} at step {counter.step}")
     start_step = counter.step
 
-    sampler = _StepBatches(len(ds), cfg.batch_size, cfg.seed, counter.micro, cfg.max_steps * cfg.grad_accum)
+    sampler = StepBatches(len(ds), cfg.batch_size, cfg.seed, counter.micro, cfg.max_steps * cfg.grad_accum)
     dl = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=_collate, num_workers=cfg.num_workers)
     dl = acc.prepare_data_loader(dl, device_placement=True)
     if cfg.log_with:

@@ -13,7 +13,7 @@ network calls ("steps"), images/s at the evaluation batch size and the speedup o
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,25 @@ import torch
 from torch import Tensor
 
 from distilled_decoding.fileio import atomic_path, atomic_write_json, atomic_write_text
-from distilled_decoding.samplers import OneStepStar, RefinedSampler, Sampler, SkipN, TeacherSampler, marginals
+from distilled_decoding.samplers import (
+    OneStepStar,
+    RefinedSampler,
+    Reordered,
+    Sampler,
+    SkipN,
+    TeacherSampler,
+    marginals,
+)
 
-__all__ = ["standard_samplers", "evaluate_pipeline", "evaluate_job", "format_table", "save_grid"]
+__all__ = [
+    "standard_samplers",
+    "measure_samplers",
+    "evaluate_pipeline",
+    "extra_teacher_samplers",
+    "evaluate_job",
+    "format_table",
+    "save_grid",
+]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -71,6 +87,56 @@ def standard_samplers(
 
 
 @torch.no_grad()
+def measure_samplers(
+    samplers: Sequence[Sampler],
+    decode: Callable[[Tensor], Tensor],
+    noise: Tensor,
+    labels: Tensor,
+    reference: Any,
+    *,
+    batch_size: int = 250,
+    feature_extractor: str = "digits-cnn",
+    classifier: Any = None,
+    progress: bool = True,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Tensor]]:
+    """Run every sampler on the same ``noise`` (M, N, D) and ``labels`` (M,) in batches of ``batch_size``, decode
+    with ``decode`` (vectors (B, N, D) → images (B, 3, H, W) in [0, 1]) and measure the images against
+    ``reference`` (uint8 (R, 3, H, W) digits: class accuracy too; a folder of images: no class accuracy; FID
+    statistics, see :func:`distilled_decoding.fid.statistics_reference`: FID and IS only).
+
+    Returns ``(rows, images)``: per sampler name the metrics (fid, is, precision, recall, class_acc, steps,
+    images_per_s at this batch size) and the uint8 images (M, 3, H, W)."""
+    from tqdm.auto import tqdm
+
+    from distilled_decoding.digits import to_uint8
+    from distilled_decoding.fid import statistics_reference
+    from distilled_decoding.metrics import class_accuracy, compute_metrics
+
+    rows: dict[str, dict[str, Any]] = {}
+    images: dict[str, Tensor] = {}
+    num_images = noise.shape[0]
+    digits = isinstance(reference, Tensor)  # class accuracy needs the digits classifier's classes
+    stats = statistics_reference(reference)  # read once, not per sampler
+    reference = stats if stats is not None else reference
+    for sampler in tqdm(samplers, desc="evaluating", unit="sampler", disable=not progress):
+        name, chunks, seconds = sampler.name, [], 0.0
+        for s in range(0, num_images, batch_size):
+            z, y = noise[s : s + batch_size], labels[s : s + batch_size]
+            out, dt = _timed(lambda z=z, y=y, sampler=sampler: decode(sampler(z, y)[0]))
+            chunks.append(to_uint8(out.cpu(), (0.0, 1.0)))
+            seconds += dt
+        imgs = torch.cat(chunks)
+        images[name] = imgs
+        m = compute_metrics(imgs, reference, feature_extractor=feature_extractor, prc=stats is None)
+        rows[name] = {
+            "fid": m["fid"], "is": m["is"], "precision": m.get("precision"), "recall": m.get("recall"),
+            "class_acc": class_accuracy(imgs, labels, classifier) if digits else None, "steps": sampler.steps,
+            "images_per_s": num_images / seconds,
+        }  # fmt: skip
+    return rows, images
+
+
+@torch.no_grad()
 def evaluate_pipeline(
     pipe: Any,
     teacher: Any,
@@ -84,6 +150,7 @@ def evaluate_pipeline(
     probs: Tensor | None = None,
     feature_extractor: str = "digits-cnn",
     classifier: Any = None,
+    extra: Sequence[Sampler] = (),
     progress: bool = True,
 ) -> dict[str, Any]:
     """Generate ``num_images`` images per sampler from the same noise and classes and measure them.
@@ -92,42 +159,26 @@ def evaluate_pipeline(
         statistics (:func:`distilled_decoding.fid.statistics_reference`: a file or Hub reference such as
         ``IMAGENET256_FID_STATISTICS``; FID and IS only, no precision / recall).
     probs: per-class marginals (C, N, V) for the baselines (None: no baselines).
+    extra: more samplers, as rows right after the teacher's (e.g. another teacher, :class:`Reordered` into the
+    student's sequence order).
     Returns ``{"rows": {name: metrics}, "images": {name: uint8 (B, 3, H, W)}, "labels", "settings"}``.
     """
-    from tqdm.auto import tqdm
-
-    from distilled_decoding.digits import to_uint8
     from distilled_decoding.fid import statistics_reference
-    from distilled_decoding.metrics import class_accuracy, compute_metrics
 
+    digits = isinstance(reference, Tensor)
+    stats = statistics_reference(reference)  # read once
+    described = stats.source if stats is not None else str(reference)
+    reference = stats if stats is not None else reference
     student = pipe.student
     n_tok, dim = pipe.noise_shape
     labels = torch.arange(num_images) % student.num_classes
     noise = torch.randn(num_images, n_tok, dim, generator=torch.Generator().manual_seed(seed))
     samplers = standard_samplers(pipe, teacher, refine=refine, skip=skip, probs=probs, seed=seed)
     refine = next((s.teacher_tokens for s in samplers if isinstance(s, RefinedSampler)), refine)
-
-    rows: dict[str, dict[str, Any]] = {}
-    images: dict[str, Tensor] = {}
-    digits = isinstance(reference, Tensor)  # class accuracy needs the digits classifier's classes
-    stats = statistics_reference(reference)  # read once, not per sampler
-    described = stats.source if stats is not None else str(reference)
-    reference = stats if stats is not None else reference
-    for sampler in tqdm(samplers, desc="evaluating", unit="sampler", disable=not progress):
-        name, chunks, seconds = sampler.name, [], 0.0
-        for s in range(0, num_images, batch_size):
-            z, y = noise[s : s + batch_size], labels[s : s + batch_size]
-            out, dt = _timed(lambda z=z, y=y, sampler=sampler: pipe.decode(sampler(z, y)[0]))
-            chunks.append(to_uint8(out.cpu(), (0.0, 1.0)))
-            seconds += dt
-        imgs = torch.cat(chunks)
-        images[name] = imgs
-        m = compute_metrics(imgs, reference, feature_extractor=feature_extractor, prc=stats is None)
-        rows[name] = {
-            "fid": m["fid"], "is": m["is"], "precision": m.get("precision"), "recall": m.get("recall"),
-            "class_acc": class_accuracy(imgs, labels, classifier) if digits else None, "steps": sampler.steps,
-            "images_per_s": num_images / seconds,
-        }  # fmt: skip
+    samplers = [*samplers[:2], *extra, *samplers[2:]]  # other teachers right after this one's rows
+    rows, images = measure_samplers(samplers, pipe.decode, noise, labels, reference, batch_size=batch_size,
+                                    feature_extractor=feature_extractor, classifier=classifier,
+                                    progress=progress)  # fmt: skip
     base, flow_map = rows["teacher AR (multinomial)"]["images_per_s"], rows["teacher AR (flow map)"]["images_per_s"]
     for r in rows.values():
         r["speedup"] = r["images_per_s"] / base  # vs the teacher's ordinary (multinomial, KV-cache) decoding
@@ -148,7 +199,7 @@ def format_table(rows: dict[str, dict[str, Any]]) -> str:
     lines = ["| sampler | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
     for name, r in rows.items():
         lines.append(
-            f"| {name} | " + " | ".join("—" if r[k] is None else fmt.format(r[k]) for k, _, fmt in cols) + " |"
+            f"| {name} | " + " | ".join("—" if r.get(k) is None else fmt.format(r[k]) for k, _, fmt in cols) + " |"
         )
     return "\n".join(lines)
 
@@ -161,6 +212,36 @@ def save_grid(images: dict[str, Tensor], labels: Tensor, path: str | Path, rows:
     grid = torch.cat([images[r][cols] for r in rows]).float() / 255.0
     with atomic_path(path) as tmp:
         save_image(grid, str(tmp), nrow=len(cols), padding=2, pad_value=1.0, format="png")
+
+
+def extra_teacher_samplers(entries: Sequence[dict[str, Any]], pipe: Any) -> list[Sampler]:
+    """Table rows for other teachers of the same tokenizer (``evaluate.extra_teachers``): each entry is
+    ``{"name": row name, **TeacherConfig fields}``. The teacher decodes through the flow map with the pipeline's
+    sampling settings, flow map and codebook, its output moved into the student's sequence order. An entry whose
+    model does not exist (e.g. the converted PAR before ``recipes/train_par_teacher.py`` made it) or whose tokenizer
+    differs from the pipeline's (e.g. the digits rows of the default config in a job on another teacher) is left out
+    with a notice."""
+    from distilled_decoding.recipe import TeacherConfig
+
+    out: list[Sampler] = []
+    sampling = dict(pipe.info.get("teacher_sampling") or {})
+    flow = dict(pipe.info.get("flow") or {})
+    codebook = pipe.student.codebook
+    for entry in entries:
+        fields = {k: v for k, v in entry.items() if k != "name"}
+        tc = TeacherConfig(**fields)
+        if not Path(tc.model).exists():
+            print(f"evaluate.extra_teachers: {tc.model} does not exist; the row {entry['name']!r} is left out")
+            continue
+        teacher, tok = tc.load()
+        theirs = getattr(tok, "codebook", None) if tok is not None else getattr(teacher, "codebook", None)
+        if theirs is None or theirs.shape != codebook.shape or not torch.allclose(theirs.float().cpu(), codebook.cpu()):
+            print(f"evaluate.extra_teachers: {tc.model} uses another tokenizer than this job's (codebook "
+                  f"{tuple(codebook.shape)}); the row {entry['name']!r} is left out")  # fmt: skip
+            continue
+        sampler = TeacherSampler(teacher, codebook, sampling, "flow", flow, label=str(entry["name"]))
+        out.append(Reordered(sampler, teacher.token_order, pipe.student.token_order))
+    return out
 
 
 def evaluate_job(cfg: Any, teacher: Any, vq: Any) -> dict[str, Any]:
@@ -188,9 +269,12 @@ def evaluate_job(cfg: Any, teacher: Any, vq: Any) -> dict[str, Any]:
         reference = ec.reference  # a folder of images, or FID statistics (file or Hub reference)
     result = evaluate_pipeline(pipe, teacher, reference, num_images=ec.num_images, batch_size=ec.batch_size,
                                seed=ec.seed, refine=tuple(ec.refine) if ec.refine else None, skip=skip, probs=probs,
-                               feature_extractor=ec.feature_extractor)  # fmt: skip
+                               feature_extractor=ec.feature_extractor,
+                               extra=extra_teacher_samplers(ec.extra_teachers, pipe))  # fmt: skip
     rows = result["rows"]
-    grid_rows = [r for r in rows if r.startswith(("teacher AR (flow", "DD"))]  # rows that are functions of the noise
+    extra_names = {str(e["name"]) for e in ec.extra_teachers}
+    # rows that are functions of the noise
+    grid_rows = [r for r in rows if r.startswith(("teacher AR (flow", "DD")) or r in extra_names]
     save_grid(result["images"], result["labels"], out / "samples_grid.png", grid_rows, ec.grid_columns)
     table = format_table(rows)
     teacher_row = rows["teacher AR (flow map)"]

@@ -148,6 +148,18 @@ class EvalConfig(ValidatedConfig):
     skip: tuple[int, ...] | None = None  # skip-n baselines; None: (N // 8, N // 4)
     bench_batches: tuple[int, ...] = (1, 64)
     grid_columns: int = 10
+    # more teacher rows of the same tokenizer: [{name: "PAR-4× (converted)", kind: par, model: ...}, ...]
+    extra_teachers: tuple[dict[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        allowed = {f.name for f in dataclasses.fields(TeacherConfig)}
+        for i, entry in enumerate(self.extra_teachers or ()):
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or set(entry) - allowed - {"name"}:
+                raise ValueError(
+                    f"evaluate.extra_teachers[{i}]={entry!r}: expected a mapping with a 'name' (the table row) and "
+                    f"teacher fields among {sorted(allowed)}"
+                )
+        self.extra_teachers = tuple(dict(e) for e in self.extra_teachers or ())
 
     def validate(self) -> None:
         req = self.require

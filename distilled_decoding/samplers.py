@@ -12,7 +12,9 @@ the teacher's sequence order. The pipeline, the evaluation table and the benchma
 * :class:`OneStepStar` — every token drawn independently from its per-position, per-condition marginal (the best a
   one-step set predictor that ignores the joint can do; DD paper's onestep*);
 * :class:`SkipN` — the teacher's first steps, then its last ``n`` steps in one parallel step (one teacher forward
-  over [prefix, onestep* guesses], each skipped token drawn from its guided, filtered conditional).
+  over [prefix, onestep* guesses], each skipped token drawn from its guided, filtered conditional);
+* :class:`Reordered` — another sampler's output moved to another sequence order, so that teachers decoding in other
+  orders (PAR's regions vs raster) share one table and one decoder.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from distilled_decoding.sampling import (
     guide,
     sample_tokens,
     temper_and_filter,
+    to_tokenizer_order,
 )
 from distilled_decoding.students.base import perturb
 
@@ -39,6 +42,7 @@ __all__ = [
     "RefinedSampler",
     "OneStepStar",
     "SkipN",
+    "Reordered",
     "marginals",
     "refined_steps",
 ]
@@ -65,7 +69,8 @@ def _chooser(kind: str, noise: Tensor, codebook: Tensor, flow: dict[str, Any], g
 
 @dataclass
 class TeacherSampler:
-    """The teacher decoding autoregressively with its ``sampling`` settings (cfg_scale, top_k, ...)."""
+    """The teacher decoding autoregressively with its ``sampling`` settings (cfg_scale, top_k, ...). ``label`` names
+    the row (default: "teacher AR (flow map)" / "teacher AR (multinomial)")."""
 
     teacher: Any
     codebook: Tensor
@@ -73,9 +78,12 @@ class TeacherSampler:
     chooser: str = "flow"
     flow: dict[str, Any] = field(default_factory=dict)
     generator: torch.Generator | None = None
+    label: str | None = None
 
     @property
     def name(self) -> str:
+        if self.label:
+            return self.label
         return "teacher AR (flow map)" if self.chooser == "flow" else "teacher AR (multinomial)"
 
     @property
@@ -179,6 +187,33 @@ class RefinedSampler:
         x = torch.cat([student.codebook[head], noise[:, p2:]], dim=1)
         t = torch.full((b,), t2, dtype=torch.long, device=noise.device)
         return student.predict(perturb(x, student.data_positions(t), noise), condition, t)
+
+
+@dataclass
+class Reordered:
+    """``sampler``'s output (vectors (B, N, D), tokens (B, N)) moved from its sequence order ``source`` (the
+    tokenizer index of each position, e.g. a PAR teacher's ``token_order``; None = the tokenizer's order) to the
+    sequence order ``target`` (None: the tokenizer's order). The wrapped sampler reads the noise in its own order."""
+
+    sampler: Any
+    source: Tensor | None
+    target: Tensor | None = None
+
+    @property
+    def name(self) -> str:
+        return self.sampler.name
+
+    @property
+    def steps(self) -> int:
+        return self.sampler.steps
+
+    def __call__(self, noise: Tensor, condition: Any) -> tuple[Tensor, Tensor]:
+        vectors, tokens = self.sampler(noise, condition)
+        vectors, tokens = to_tokenizer_order(vectors, self.source), to_tokenizer_order(tokens, self.source)
+        if self.target is None:
+            return vectors, tokens
+        target = self.target.to(tokens.device)
+        return vectors[:, target], tokens[:, target]
 
 
 # ------------------------------------------------------------------------------------------------------------

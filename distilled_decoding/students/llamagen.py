@@ -63,7 +63,11 @@ class DDStudentConfig(ValidatedConfig):
     def validate(self) -> None:
         if isinstance(self.codebook_dim, bool) or not isinstance(self.codebook_dim, int) or self.codebook_dim < 1:
             raise ValueError(f"codebook_dim={self.codebook_dim!r}: expected a positive integer")
-        self.timesteps, self.split = validate_schedule(self.timesteps, self.split, self.backbone().block_size)
+        self.timesteps, self.split = validate_schedule(self.timesteps, self.split, len(self.step_starts()) - 1)
+
+    def step_starts(self) -> list[int]:
+        """``[0, 1, ..., N]``: the teacher decodes one token a step (raster order)."""
+        return list(range(self.backbone().block_size + 1))
 
     def backbone(self) -> LlamaGenConfig:
         """The (validated) LlamaGen configuration of the transformer, without dropout."""
@@ -88,8 +92,12 @@ class DDStudent(FewStepStudent, ModelMixin, ConfigMixin):
     @config_init(DDStudentConfig)
     def __init__(self, cfg: DDStudentConfig):
         super().__init__()
+        self.init_modules(cfg)
+
+    def init_modules(self, cfg: DDStudentConfig) -> None:
+        """Build the network for ``cfg`` (a subclass with its own config calls this from its constructor)."""
         a = self.args = cfg.backbone()
-        self.starts = list(range(a.block_size + 1))  # one token per decoding step
+        self.starts = cfg.step_starts()
         self.cls_embedding = LabelTable(a.num_classes, a.dim)
         self.tok_embeddings = nn.Linear(cfg.codebook_dim, a.dim)
         self.layers = nn.ModuleList(TransformerBlock(a, 0.0) for _ in range(a.n_layer))
@@ -127,10 +135,9 @@ class DDStudent(FewStepStudent, ModelMixin, ConfigMixin):
         codebook vector as close as possible to the teacher's embedding of that token (DD2's continuous-input
         adaptation, closed form); ``"random"`` keeps N(0, 0.02) as the official code.
         """
-        from distilled_decoding.teachers.llamagen import LlamaGen
-
-        if not isinstance(teacher, LlamaGen):
-            raise TypeError(f"teacher: expected a LlamaGen teacher, got {type(teacher).__name__}")
+        expected = get_family(cls.family).teacher_class
+        if not isinstance(teacher, expected):
+            raise TypeError(f"teacher: expected a {expected.__name__} teacher, got {type(teacher).__name__}")
         if not isinstance(codebook, Tensor) or not codebook.dtype.is_floating_point:
             raise TypeError(f"codebook: expected a (V, D) float tensor, got {type(codebook).__name__}")
         a = teacher.args
@@ -138,14 +145,14 @@ class DDStudent(FewStepStudent, ModelMixin, ConfigMixin):
             raise ValueError(f"codebook: expected ({a.vocab_size}, D) for this teacher, got {tuple(codebook.shape)}")
         if init_input not in ("lstsq", "random"):
             raise ValueError(f"init_input={init_input!r}: expected 'lstsq' or 'random'")
-        n = a.block_size
-        timesteps, split = resolve_schedule(get_family(cls.family), n, None, timesteps, split,
+        n, num_steps = a.block_size, len(teacher.decode_groups())
+        timesteps, split = resolve_schedule(get_family(cls.family), num_steps, None, timesteps, split,
                                             continuous_head=continuous_head)  # fmt: skip
         student = cls(
             dim=a.dim, n_layer=a.n_layer, n_head=a.n_head, n_kv_head=a.n_kv_head, multiple_of=a.multiple_of,
             ffn_dim_multiplier=a.ffn_dim_multiplier, rope_base=a.rope_base, norm_eps=a.norm_eps,
             num_classes=a.num_classes, vocab_size=a.vocab_size, block_size=n, codebook_dim=int(codebook.shape[1]),
-            split=split, timesteps=timesteps,
+            split=split, timesteps=timesteps, **cls.teacher_fields(teacher),
         )  # fmt: skip
         student.to(device=teacher.output.weight.device)
         with torch.no_grad():
@@ -162,6 +169,11 @@ class DDStudent(FewStepStudent, ModelMixin, ConfigMixin):
                 student.tok_embeddings.weight.copy_(sol[:-1].T)
                 student.tok_embeddings.bias.copy_(sol[-1])
         return student
+
+    @classmethod
+    def teacher_fields(cls, teacher: Any) -> dict[str, Any]:
+        """Config fields :meth:`from_teacher` reads from the teacher beyond the backbone's (none for LlamaGen)."""
+        return {}
 
     @classmethod
     def from_official(
@@ -203,6 +215,11 @@ class DDStudent(FewStepStudent, ModelMixin, ConfigMixin):
         return self._freqs
 
     @property
+    def attention_mask(self) -> Tensor | None:
+        """(N + 1, N + 1) bool attention mask over [class, x_1..x_N] (True = attend), or None for causal."""
+        return None
+
+    @property
     def condition(self) -> ClassCondition:
         return ClassCondition(self.args.num_classes)
 
@@ -212,16 +229,17 @@ class DDStudent(FewStepStudent, ModelMixin, ConfigMixin):
 
     # -- forward ------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, class_labels: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B, N, D) noise/data vectors, class_labels (B,) long, t (B,) long (leading data positions)
-        → logits (B, N, V) float32 and continuous vectors (B, N, D) float32 (raw heads, no mixing)."""
+        """x (B, N, D) noise/data vectors, class_labels (B,) long, t (B,) long (completed decoding steps: the first
+        ``data_positions(t)`` positions hold data) → logits (B, N, V) float32 and continuous vectors (B, N, D)
+        float32 (raw heads, no mixing)."""
         b, n, _ = x.shape
         cond = self.cls_embedding(class_labels)
-        flags = (torch.arange(n + 1, device=x.device)[None, :] <= t[:, None]).long()
+        flags = (torch.arange(n + 1, device=x.device)[None, :] <= self.data_positions(t)[:, None]).long()
         h = torch.cat([cond, self.tok_embeddings(x.to(self.tok_embeddings.weight.dtype))], dim=1)
         h = h + self.n_d_embed(flags)
-        freqs = self.freqs_cis[: n + 1]
+        freqs, mask = self.freqs_cis[: n + 1], self.attention_mask
         for layer in self.layers:
-            h = layer(h, freqs)
+            h = layer(h, freqs, mask=mask)
         logits = self.output(self.norm(h[:, 1:])).float()
         vectors = self.final_layer_conti(h, cond)[:, 1:].float()
         return logits, vectors

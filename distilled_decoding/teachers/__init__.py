@@ -45,10 +45,12 @@ register_family(
     TeacherFamily(
         name="par",
         teacher="distilled_decoding.teachers.par:PAR",
-        student=None,
+        student="distilled_decoding.students.par:DDPARStudent",
         loader="distilled_decoding.teachers.par:load_par",
         description="PAR region-parallel LlamaGen (k tokens a decoding step) + VQ tokenizer",
         schedule_fraction=80 / 256,
+        # PAR-4x converted from the digits LlamaGen by recipes/train_par_teacher.py; LlamaGen's VQ tokenizer
+        embedded=("checkpoints/digits_par", "checkpoints/digits_llamagen/vq"),
     )
 )
 

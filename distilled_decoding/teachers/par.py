@@ -46,7 +46,7 @@ from distilled_decoding.teachers.llamagen_layers import (
 )
 from distilled_decoding.teachers.llamagen_official import PAR_TRANSITION_KEY, official_config
 
-__all__ = ["PAR", "PARConfig", "PAR_PRESETS", "TRANSITION_KEY", "region_order"]
+__all__ = ["PAR", "PARConfig", "PAR_PRESETS", "TRANSITION_KEY", "region_order", "par_decode_groups"]
 
 #: State-dict key of the k−1 transition embeddings; its presence marks a PAR checkpoint.
 TRANSITION_KEY = PAR_TRANSITION_KEY
@@ -70,6 +70,12 @@ def region_order(grid: int, ar_token_num: int) -> Tensor:
             f"token grid, e.g. 4 or 16 for 24x24 ({why or f'its root {s} does not divide {grid}'})"
         )
     return torch.arange(grid * grid).view(s, grid // s, s, grid // s).permute(1, 3, 0, 2).reshape(-1)
+
+
+def par_decode_groups(seq_len: int, ar_token_num: int) -> list[tuple[int, int]]:
+    """PAR's decoding steps over ``seq_len`` positions in sequence order: k single anchor steps, then groups of k."""
+    k = ar_token_num
+    return [(i, i + 1) for i in range(k)] + [(s, s + k) for s in range(k, seq_len, k)]
 
 
 @dataclass
@@ -338,8 +344,7 @@ class PAR(ModelMixin, ConfigMixin):
     # -- KV-cached decoding (the Teacher interface), sequence order -------------------------------------------
     def decode_groups(self) -> list[tuple[int, int]]:
         """k single anchor steps, then groups of k: 4 + 143 = 147 steps for PAR-4x on 24×24."""
-        k = self.ar_token_num
-        return [(i, i + 1) for i in range(k)] + [(s, s + k) for s in range(k, self.seq_len, k)]
+        return par_decode_groups(self.seq_len, self.ar_token_num)
 
     def guidance_scales(self, cfg_scale: float, cfg_interval: float = -1) -> list[float] | None:
         """Per-step CFG scale as in the official ``generate``: guided iff cfg_scale > 1 (None otherwise); with
