@@ -30,11 +30,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from distilled_decoding.configs import ValidatedConfig
+
 __all__ = ["PARFinetuneConfig", "finetune_par", "load_sample_tokens"]
 
 
 @dataclass
-class PARFinetuneConfig:
+class PARFinetuneConfig(ValidatedConfig):
     """Settings of :func:`finetune_par`. ``batch_size`` is the global batch (split across processes);
     ``ema_decay`` 0 disables the EMA (the final weights are then the trained ones)."""
 
@@ -57,24 +59,17 @@ class PARFinetuneConfig:
     keep_last: int = 2
     progress: bool = True
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        req = self.require
         for name in ("ar_token_num", "batch_size", "max_steps", "keep_last"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r}: expected a positive integer")
+            req(getattr(self, name) >= 1, name, getattr(self, name), "an int >= 1")
         for name in ("warmup_steps", "save_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name}={v!r}: expected an integer >= 0")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr!r}: expected > 0")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay={self.ema_decay!r}: expected a number in [0, 1)")
-        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout!r}: expected None or a number in [0, 1)")
-        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision={self.mixed_precision!r}: expected None, 'no', 'bf16' or 'fp16'")
-        self.betas = tuple(float(b) for b in self.betas)
+            req(getattr(self, name) >= 0, name, getattr(self, name), "an int >= 0")
+        req(self.lr > 0, "lr", self.lr, "a number > 0")
+        req(0.0 <= self.ema_decay < 1.0, "ema_decay", self.ema_decay, "a number in [0, 1)")
+        req(self.dropout is None or 0.0 <= self.dropout < 1.0, "dropout", self.dropout, "null or a number in [0, 1)")
+        req(self.mixed_precision in (None, "no", "bf16", "fp16"), "mixed_precision", self.mixed_precision,
+            "null, 'no', 'bf16' or 'fp16'")  # fmt: skip
 
 
 def load_sample_tokens(folder: str | Path, teacher: Any = None, codebook: torch.Tensor | None = None) -> tuple:

@@ -151,16 +151,6 @@ class EvalConfig(ValidatedConfig):
     # more teacher rows of the same tokenizer: [{name: "PAR-4× (converted)", kind: par, model: ...}, ...]
     extra_teachers: tuple[dict[str, Any], ...] = ()
 
-    def __post_init__(self) -> None:
-        allowed = {f.name for f in dataclasses.fields(TeacherConfig)}
-        for i, entry in enumerate(self.extra_teachers or ()):
-            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or set(entry) - allowed - {"name"}:
-                raise ValueError(
-                    f"evaluate.extra_teachers[{i}]={entry!r}: expected a mapping with a 'name' (the table row) and "
-                    f"teacher fields among {sorted(allowed)}"
-                )
-        self.extra_teachers = tuple(dict(e) for e in self.extra_teachers or ())
-
     def validate(self) -> None:
         req = self.require
         for name in ("num_images", "batch_size", "grid_columns"):
@@ -173,6 +163,11 @@ class EvalConfig(ValidatedConfig):
             "null or [T, t2] with 0 <= T <= t2")  # fmt: skip
         req(self.skip is None or all(n >= 1 for n in self.skip), "skip", self.skip, "null or a list of ints >= 1")
         req(all(b >= 1 for b in self.bench_batches), "bench_batches", self.bench_batches, "a list of ints >= 1")
+        allowed = {f.name for f in dataclasses.fields(TeacherConfig)}
+        for i, entry in enumerate(self.extra_teachers):
+            ok = isinstance(entry.get("name"), str) and not set(entry) - allowed - {"name"}
+            req(ok, f"extra_teachers[{i}]", entry,
+                f"a mapping with a 'name' (the table row) and teacher fields among {sorted(allowed)}")  # fmt: skip
 
 
 @dataclass

@@ -86,9 +86,9 @@ def test_extra_teacher_rows_are_validated_and_left_out_when_unusable(saved, caps
     from distilled_decoding.evaluation import extra_teacher_samplers
     from distilled_decoding.recipe import EvalConfig
 
-    with pytest.raises(ValueError, match=r"evaluate.extra_teachers\[0\].*expected a mapping with a 'name'"):
+    with pytest.raises(ValueError, match=r"extra_teachers\[0\].*expected a mapping with a 'name'"):
         EvalConfig(extra_teachers=({"kind": "par"},))
-    with pytest.raises(ValueError, match=r"evaluate.extra_teachers\[0\].*teacher fields"):
+    with pytest.raises(ValueError, match=r"extra_teachers\[0\].*teacher fields"):
         EvalConfig(extra_teachers=({"name": "x", "modle": "typo"},))
     vq = VQTokenizer.from_pretrained(saved / "vq")
     student = DDPARStudent.from_teacher(PAR.from_pretrained(saved / "par"), vq.codebook.detach(), timesteps=(0, 6))
