@@ -1,13 +1,19 @@
 """Distilled Decoding training pairs: noise sequences mapped to token sequences through a frozen teacher.
 
 :func:`build_trajectories` runs the teacher's KV-cache sampling loop with the flow map as the token chooser,
-so token i of a sample is a deterministic function of (noise_1..noise_i, class). It writes safetensors
+so token i of a sample is a deterministic function of (noise_1..noise_i, condition). It writes safetensors
 shards and a ``manifest.json``::
 
     out_dir/
       manifest.json                 teacher identity, settings, shard list (ranges, sha256), "complete"
       shard-00000.safetensors       noise (n, N, D) float16, tokens (n, N) int16/int32,
-      shard-00001.safetensors       class_label (n,) int16/int32, index (n,) int64
+      shard-00001.safetensors       condition_id (n,) int16/int32, index (n,) int64
+      prompts.json                  text-conditional teachers: the prompts (condition_id = index)
+      prompt_embeddings/            ... and each distinct prompt's caption features, once (PromptEmbeddingCache)
+
+The condition of a sample is one integer, ``condition_id``: a class id, or the index of a prompt
+(:mod:`distilled_decoding.condition_tables` turns ids into what the teacher and the student take; the reader
+returns ``class_label``, or ``caption_features`` + ``caption_mask``, besides it).
 
 With ``store_noise=False`` the shards hold no noise: it is regenerated from (seed, i) by :func:`sample_noise`
 when read (VAR: 680×32 fp16 noise is 43.5 KB per pair, the tokens 1.4 KB), and the manifest keeps a sha256 of
@@ -16,12 +22,12 @@ pairing other noise with the tokens.
 
 Guarantees:
 
-* the noise and class of sample i depend on ``(seed, i)`` alone (a per-sample ``torch.Generator`` on the CPU),
-  and the teacher runs on exactly the stored fp16-rounded noise;
+* the noise and condition (class, prompt) of sample i depend on ``(seed, i)`` alone (a per-sample
+  ``torch.Generator`` on the CPU) unless given, and the teacher runs on exactly the stored fp16-rounded noise;
 * shards are the unit of work: written atomically (temporary file + rename), split round-robin across
   processes (``accelerate launch``), skipped on restart when already complete — a killed run resumes where it
   stopped and ends byte-identical to an uninterrupted one; a restart with other settings or another teacher
-  is refused with the differences listed;
+  is refused with the differences listed (prompts and text encoder included);
 * :class:`TrajectoryDataset` verifies each shard's checksum on first open and names the file it cannot read.
 """
 
@@ -44,6 +50,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from distilled_decoding.condition_tables import ClassTable, condition_table, load_condition_table
 from distilled_decoding.provenance import teacher_fingerprint, tensor_bytes
 from distilled_decoding.sampling import FlowChooser, sample_tokens, validate_sampling_args
 
@@ -57,7 +64,7 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: condition_id + condition table (1: class_label only, still read)
 
 
 class TrajectoryError(ValueError):
@@ -80,9 +87,10 @@ def sample_noise(
     dim: int,
     num_classes: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Noise (n, N, D) float16 and, when ``num_classes`` is given, uniform class labels (n,) long for the
-    samples ``indices``. Each sample draws from its own CPU generator seeded by (seed, index): first the
-    label, then the noise, so sample i is the same in any batch, process or run."""
+    """Noise (n, N, D) float16 and, when ``num_classes`` is given, uniform condition ids (n,) long in
+    [0, num_classes) (class labels, or prompt indices) for the samples ``indices``. Each sample draws from its own
+    CPU generator seeded by (seed, index): first the id, then the noise, so sample i is the same in any batch,
+    process or run."""
     noise = torch.empty(len(indices), seq_len, dim, dtype=torch.float16)
     labels = torch.empty(len(indices), dtype=torch.long) if num_classes is not None else None
     g = torch.Generator(device="cpu")
@@ -158,6 +166,9 @@ def build_trajectories(
     *,
     codebook: Tensor | None = None,
     class_labels: Sequence[int] | Tensor | None = None,
+    prompts: Any = None,
+    text_encoder: Any = None,
+    prompt_indices: Sequence[int] | Tensor | None = None,
     cfg_interval: int = -1,
     shard_size: int = 10_000,
     flow_kwargs: Mapping[str, Any] | None = None,
@@ -165,13 +176,18 @@ def build_trajectories(
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> Path:
-    """Build ``num_samples`` (noise, tokens, class) pairs with ``teacher`` into ``out_dir``; returns the path.
+    """Build ``num_samples`` (noise, tokens, condition) pairs with ``teacher`` into ``out_dir``; returns the path.
 
     Args:
         teacher: a model implementing the decoding protocol (:mod:`distilled_decoding.sampling`), frozen.
         codebook: (V, D) codebook vectors of the teacher's tokenizer (``vq.codebook`` for LlamaGen; VAR
             teachers carry one, used when this is None).
         class_labels: one label per sample (length ``num_samples``), or None for uniform random classes.
+        prompts: text-conditional teachers: a list of prompts or a prompt file (:func:`distilled_decoding.prompts.
+            load_prompts`: .txt one a line, a .csv / .tsv column named ``prompt``/``caption``/``text``, COCO .json);
+            each distinct prompt is encoded once by ``text_encoder`` (a :class:`~distilled_decoding.text.
+            T5TextEncoder` with ``max_length`` = the teacher's caption positions) into ``out_dir/prompt_embeddings``.
+        prompt_indices: the prompt of each sample (length ``num_samples``), or None: drawn uniformly from (seed, i).
         cfg_scale, cfg_interval, top_k, top_p, temperature: the teacher's sampling settings (its official
             semantics); the flow map turns the resulting distribution into a deterministic choice.
         shard_size: samples per shard file (the unit of work, resumption and distribution).
@@ -192,7 +208,8 @@ def build_trajectories(
             raise ValueError("codebook: this teacher carries no codebook; pass codebook=tokenizer.codebook")
     _check_args(teacher, codebook, num_samples, batch_size, shard_size)
     validate_sampling_args(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
-    labels_all = _check_labels(teacher, class_labels, num_samples)
+    table = condition_table(teacher.condition, prompts, text_encoder, out_dir)
+    labels_all = _check_ids(table, {"class_labels": class_labels, "prompt_indices": prompt_indices}, num_samples)
     device = torch.device(device) if device is not None else state.device
     teacher = teacher.to(device).eval()
     codebook = codebook.detach().to(device=device, dtype=torch.float32)
@@ -205,12 +222,12 @@ def build_trajectories(
         "num_samples": num_samples,
         "seed": seed,
         "seq_len": teacher.seq_len,
-        "num_classes": teacher.num_classes,
+        "condition": table.settings(),
         "codebook_dim": int(codebook.shape[1]),
         "shard_size": shard_size,
         "noise_dtype": "float16",
         "noise_storage": "stored" if store_noise else "regenerated",
-        "class_labels": "uniform"
+        "condition_ids": "uniform"
         if labels_all is None
         else "given:" + hashlib.sha256(tensor_bytes(labels_all)).hexdigest(),
         "sampling": {
@@ -241,6 +258,7 @@ def build_trajectories(
         out_dir.mkdir(parents=True, exist_ok=True)
         for tmp in out_dir.glob("*.tmp"):
             tmp.unlink()
+        table.prepare(out_dir)  # the prompt list and each distinct prompt's features, once
         if not manifest_path.exists():
             _write_manifest(out_dir, settings, identity, settings_digest, plan, shards=None, noise_check=None)
     state.wait_for_everyone()
@@ -271,14 +289,14 @@ def build_trajectories(
                 idx,
                 teacher.seq_len,
                 codebook.shape[1],
-                None if labels_all is not None else teacher.num_classes,
+                None if labels_all is not None else table.num_ids,
             )
             if labels_all is not None:
                 lab = labels_all[idx[0] : idx[-1] + 1]
             chooser = FlowChooser(eps.to(device), codebook, **flow_kwargs)
             tok = sample_tokens(
                 teacher,
-                lab.to(device),
+                table.lookup(lab),
                 chooser=chooser,
                 cfg_scale=cfg_scale,
                 cfg_interval=cfg_interval,
@@ -301,7 +319,7 @@ def build_trajectories(
             torch.cat(labels),
             settings_digest,
             teacher.vocab_size,
-            teacher.num_classes,
+            table.num_ids,
         )
     bar.close()
     elapsed = time.perf_counter() - t0
@@ -316,7 +334,7 @@ def build_trajectories(
                 raise TrajectoryError(f"{path}: missing or invalid after all processes finished")
             a, b = plan.range(k)
             shards.append({"file": path.name, "start": a, "stop": b, "sha256": _sha256_file(path)})
-        drawn = None if labels_all is not None else teacher.num_classes
+        drawn = None if labels_all is not None else table.num_ids
         check = None if store_noise else _noise_check(seed, num_samples, teacher.seq_len, codebook.shape[1], drawn)
         _write_manifest(out_dir, settings, identity, settings_digest, plan, shards=shards, noise_check=check)
         rate = built / elapsed if elapsed > 0 and built else 0.0
@@ -339,13 +357,26 @@ def _check_args(teacher: Any, codebook: Tensor, num_samples: int, batch_size: in
         )
 
 
-def _check_labels(teacher: Any, class_labels: Sequence[int] | Tensor | None, n: int) -> Tensor | None:
-    if class_labels is None:
+def _check_ids(table: Any, given: dict[str, Any], n: int) -> Tensor | None:
+    """The given condition ids (class labels or prompt indices, under the table's argument name), checked."""
+    for name, value in given.items():
+        if value is not None and name != table.ids_name:
+            raise ValueError(f"{name}: this teacher is {table.kind}-conditional; give {table.ids_name} (one per "
+                             "sample) instead")  # fmt: skip
+    ids = given.get(table.ids_name)
+    if ids is None:
         return None
-    labels = torch.as_tensor(class_labels)
+    name = table.ids_name
+    labels = torch.as_tensor(ids)
     if labels.ndim != 1 or labels.shape[0] != n:
-        raise ValueError(f"class_labels: expected {n} labels (one per sample), got shape {tuple(labels.shape)}")
-    return teacher.condition.check(labels, n).cpu()
+        raise ValueError(f"{name}: expected {n} labels (one per sample), got shape {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"{name}: expected integers, got dtype {labels.dtype}")
+    if int(labels.min()) < 0 or int(labels.max()) >= table.num_ids:
+        what = "class ids" if isinstance(table, ClassTable) else "prompt indices"
+        raise ValueError(f"{name}: {what} must lie in [0, {table.num_ids}); got min {int(labels.min())}, "
+                         f"max {int(labels.max())}")  # fmt: skip
+    return labels.long().cpu()
 
 
 def _noise_check(seed: int, n: int, seq_len: int, dim: int, num_classes: int | None) -> dict[str, Any]:
@@ -364,7 +395,7 @@ def _write_shard(
     labels: Tensor,
     digest: str,
     vocab: int,
-    classes: int,
+    num_ids: int,
 ) -> None:
     meta = json.dumps(
         {"start": rng[0], "stop": rng[1], "settings_digest": digest, "format_version": FORMAT_VERSION},
@@ -372,7 +403,7 @@ def _write_shard(
     )
     tensors = {
         "tokens": tokens.to(_int_dtype(vocab - 1)).contiguous(),
-        "class_label": labels.to(_int_dtype(classes)).contiguous(),
+        "condition_id": labels.to(_int_dtype(num_ids)).contiguous(),
         "index": torch.arange(rng[0], rng[1], dtype=torch.int64),
     }
     if noise is not None:
@@ -437,9 +468,10 @@ def _write_manifest(
 class TrajectoryDataset(torch.utils.data.Dataset):
     """Random access to a finished trajectory folder.
 
-    ``ds[i]`` → ``{"noise": (N, D) float32, "tokens": (N,) long, "class_label": () long}``. Shards are opened
-    lazily with ``safe_open`` (one handle per shard and process, so DataLoader workers each open their own)
-    and their sha256 is checked on first open.
+    ``ds[i]`` → ``{"noise": (N, D) float32, "tokens": (N,) long, "condition_id": () long}`` and the condition the
+    student takes (:attr:`table`): ``"class_label": () long``, or ``"caption_features": (L, C) float32`` and
+    ``"caption_mask": (L,) bool``. Shards are opened lazily with ``safe_open`` (one handle per shard and process,
+    so DataLoader workers each open their own) and their sha256 is checked on first open.
     """
 
     def __init__(self, out_dir: str | os.PathLike, verify: bool = True):
@@ -462,8 +494,15 @@ class TrajectoryDataset(torch.utils.data.Dataset):
         self._starts = [s["start"] for s in self.shards]
         self._verify = verify
         self._regenerate = self.settings.get("noise_storage") == "regenerated"
-        # uniform labels were drawn from each sample's generator before its noise
-        self._drawn_classes = int(self.settings["num_classes"]) if self.settings["class_labels"] == "uniform" else None
+        s = self.settings
+        if "condition" in s:
+            self.table = load_condition_table(self.root, s["condition"])
+            self._id_key, uniform = "condition_id", s["condition_ids"] == "uniform"
+        else:  # format 1: class labels only
+            self.table = ClassTable(s["num_classes"])
+            self._id_key, uniform = "class_label", s["class_labels"] == "uniform"
+        # uniform ids were drawn from each sample's generator before its noise
+        self._drawn_classes = self.table.num_ids if uniform else None
         if self._regenerate:
             check = self.manifest.get("noise_check") or {}
             seed, n, d = int(self.settings["seed"]), self.seq_len, self.codebook_dim
@@ -524,11 +563,9 @@ class TrajectoryDataset(torch.utils.data.Dataset):
             noise = sample_noise(seed, [g], self.seq_len, self.codebook_dim, self._drawn_classes)[0][0].float()
         else:
             noise = f.get_slice("noise")[j].float()
-        return {
-            "noise": noise,
-            "tokens": f.get_slice("tokens")[j].long(),
-            "class_label": f.get_slice("class_label")[j].long().reshape(()),
-        }
+        cid = f.get_slice(self._id_key)[j].long().reshape(())
+        return {"noise": noise, "tokens": f.get_slice("tokens")[j].long(), "condition_id": cid,
+                **self.table.item(int(cid))}  # fmt: skip
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_handles": {}}
