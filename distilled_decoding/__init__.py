@@ -25,6 +25,8 @@ _EXPORTS = {
     "T5TextEncoder": "distilled_decoding.text",
     "PromptEmbeddingCache": "distilled_decoding.text",
     "encode_prompts": "distilled_decoding.text",
+    "load_prompts": "distilled_decoding.prompts",
+    "clip_score": "distilled_decoding.clip",
     # checkpoints
     "CheckpointError": "distilled_decoding.checkpoints",
     "load_state_dict_file": "distilled_decoding.checkpoints",
@@ -71,6 +73,9 @@ _SUBMODULES = {
     "checkpoints",
     "conditions",
     "text",
+    "prompts",
+    "condition_tables",
+    "clip",
     "trajectories",
     "students",
     "losses",
@@ -107,6 +112,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from distilled_decoding import (
         bench,
         checkpoints,
+        clip,
+        condition_tables,
         conditions,
         fid,
         flow,
@@ -114,6 +121,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         losses,
         metrics,
         pipeline,
+        prompts,
         provenance,
         releases,
         samplers,
@@ -124,11 +132,13 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         trajectories,
     )
     from distilled_decoding.checkpoints import CheckpointError, load_state_dict_file
+    from distilled_decoding.clip import clip_score
     from distilled_decoding.conditions import ClassCondition, TextCondition
     from distilled_decoding.distill import DistillConfig, train_student
     from distilled_decoding.flow import noise_to_tokens
     from distilled_decoding.hub import HubReferenceError, resolve_file
     from distilled_decoding.pipeline import DistilledDecodingPipeline
+    from distilled_decoding.prompts import load_prompts
     from distilled_decoding.releases import RELEASES, load_release
     from distilled_decoding.samplers import OneStepStar, RefinedSampler, SkipN, StudentSampler, TeacherSampler
     from distilled_decoding.sampling import FlowChooser, MultinomialChooser, sample_tokens

@@ -14,7 +14,7 @@ the spec, so a new condition type enters here and nowhere else.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -50,6 +50,15 @@ class ConditionSpec(Protocol):
 
     def to(self, value: Any, device: Any) -> Any:
         """The value on ``device``."""
+
+    def describe(self) -> dict[str, Any]:
+        """What the condition is, as JSON (``{"kind": "class", "num_classes": 10}``, ``{"kind": "text", "length": 120,
+        "width": 2048}``): compared between a student and a teacher, recorded in trajectory manifests."""
+
+    def from_batch(self, batch: Mapping[str, Tensor]) -> Any:
+        """The condition value of a collated training batch (the per-sample fields a
+        :class:`~distilled_decoding.trajectories.TrajectoryDataset` returns: ``class_label`` () long, or
+        ``caption_features`` (L, C) + ``caption_mask`` (L,) bool)."""
 
 
 def describe_value(x: Any) -> str:
@@ -214,6 +223,12 @@ class ClassCondition:
     def to(self, value: Tensor, device: Any) -> Tensor:
         return value.to(device)
 
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "class", "num_classes": self.num_classes}
+
+    def from_batch(self, batch: Mapping[str, Tensor]) -> Tensor:
+        return batch["class_label"]
+
 
 @dataclass(frozen=True, eq=False)
 class TextConditionSpec:
@@ -266,3 +281,9 @@ class TextConditionSpec:
 
     def to(self, value: TextCondition, device: Any) -> TextCondition:
         return value.to(device)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "text", "length": self.length, "width": self.width}
+
+    def from_batch(self, batch: Mapping[str, Tensor]) -> TextCondition:
+        return TextCondition(batch["caption_features"], batch["caption_mask"])

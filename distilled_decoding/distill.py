@@ -382,7 +382,8 @@ def _save_grid(student, ema, fixed, decode, path: Path) -> None:
     was = student.training
     student.eval()
     device = next(student.parameters()).device
-    noise, labels = fixed["noise"].to(device), fixed["class_label"].to(device)
+    spec = student.condition
+    noise, labels = fixed["noise"].to(device), spec.to(spec.from_batch(fixed), device)
     rows = [decode(student.codebook[fixed["tokens"].to(device)])]
     for steps in ([0], list(student.config.timesteps)):
         rows.append(decode(student.sample(noise, labels, steps)[0]))

@@ -7,7 +7,12 @@ trajectories) and skip-n.
 
 Metrics: FID / IS / precision / recall through torch-fidelity (:func:`distilled_decoding.metrics.compute_metrics`,
 with the offline digits feature network by default), class accuracy under the digits classifier, sequential
-network calls ("steps"), images/s at the evaluation batch size and the speedup over the teacher.
+network calls ("steps"), images/s at the evaluation batch size and the speedup over the teacher, and the latency of
+one image (batch 1) and its speedup.
+
+Text-to-image students are evaluated on ``prompts`` (image i gets prompt i mod P): the class accuracy column is
+then *prompt adherence* — the digits classifier must find the digit the prompt names (``labels``, one per prompt) —
+and with ``clip_model`` (CLIP weights the user supplies; optional torchmetrics) a CLIP score column is filled.
 """
 
 from __future__ import annotations
@@ -51,6 +56,20 @@ def _timed(fn: Callable[[], Tensor]) -> tuple[Tensor, float]:
     return out, time.perf_counter() - t0
 
 
+def _latency(fn: Callable[[], Tensor], repeats: int) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up call."""
+    fn()
+    return sorted(_timed(fn)[1] for _ in range(repeats))[repeats // 2]
+
+
+def _prompt_conditions(pipe: Any, prompts: list[str], n: int, chunk: int = 64) -> Any:
+    """The condition of image i = prompt i mod P: each distinct prompt encoded once (``chunk`` at a time)."""
+    from distilled_decoding.conditions import TextCondition
+
+    table = TextCondition.cat([pipe.encode_prompt(prompts[s : s + chunk]) for s in range(0, len(prompts), chunk)])
+    return pipe.student.condition.take(table.to("cpu"), torch.arange(n) % len(prompts))
+
+
 def standard_samplers(
     pipe: Any,
     teacher: Any,
@@ -91,47 +110,60 @@ def measure_samplers(
     samplers: Sequence[Sampler],
     decode: Callable[[Tensor], Tensor],
     noise: Tensor,
-    labels: Tensor,
+    conditions: Any,
     reference: Any,
     *,
+    labels: Tensor | None = None,
     batch_size: int = 250,
     feature_extractor: str = "digits-cnn",
     classifier: Any = None,
+    prompts: Sequence[str] | None = None,
+    clip_model: Any = None,
+    latency_repeats: int = 0,
     progress: bool = True,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Tensor]]:
-    """Run every sampler on the same ``noise`` (M, N, D) and ``labels`` (M,) in batches of ``batch_size``, decode
-    with ``decode`` (vectors (B, N, D) → images (B, 3, H, W) in [0, 1]) and measure the images against
-    ``reference`` (uint8 (R, 3, H, W) digits: class accuracy too; a folder of images: no class accuracy; FID
-    statistics, see :func:`distilled_decoding.fid.statistics_reference`: FID and IS only).
+    """Run every sampler on the same ``noise`` (M, N, D) and ``conditions`` (class ids (M,) or a TextCondition of
+    M rows) in batches of ``batch_size``, decode with ``decode`` (vectors (B, N, D) → images (B, 3, H, W) in
+    [0, 1]) and measure the images against ``reference`` (uint8 (R, 3, H, W) digits: class accuracy of ``labels``
+    (M,) too, default the class ids; a folder of images: no class accuracy; FID statistics, see
+    :func:`distilled_decoding.fid.statistics_reference`: FID and IS only). ``prompts`` (M) with ``clip_model``: the
+    CLIP score; ``latency_repeats`` > 0: the median batch-1 latency.
 
-    Returns ``(rows, images)``: per sampler name the metrics (fid, is, precision, recall, class_acc, steps,
-    images_per_s at this batch size) and the uint8 images (M, 3, H, W)."""
+    Returns ``(rows, images)``: per sampler name the metrics (fid, is, precision, recall, class_acc, clip, steps,
+    images_per_s at this batch size, ms_batch1) and the uint8 images (M, 3, H, W)."""
     from tqdm.auto import tqdm
 
+    from distilled_decoding.clip import clip_score
     from distilled_decoding.digits import to_uint8
     from distilled_decoding.fid import statistics_reference
     from distilled_decoding.metrics import class_accuracy, compute_metrics
 
+    if labels is None and isinstance(conditions, Tensor):
+        labels = conditions
     rows: dict[str, dict[str, Any]] = {}
     images: dict[str, Tensor] = {}
     num_images = noise.shape[0]
-    digits = isinstance(reference, Tensor)  # class accuracy needs the digits classifier's classes
+    digits = isinstance(reference, Tensor) and labels is not None  # class accuracy needs the digits classes
     stats = statistics_reference(reference)  # read once, not per sampler
     reference = stats if stats is not None else reference
     for sampler in tqdm(samplers, desc="evaluating", unit="sampler", disable=not progress):
         name, chunks, seconds = sampler.name, [], 0.0
         for s in range(0, num_images, batch_size):
-            z, y = noise[s : s + batch_size], labels[s : s + batch_size]
+            z, y = noise[s : s + batch_size], conditions[s : s + batch_size]
             out, dt = _timed(lambda z=z, y=y, sampler=sampler: decode(sampler(z, y)[0]))
             chunks.append(to_uint8(out.cpu(), (0.0, 1.0)))
             seconds += dt
         imgs = torch.cat(chunks)
         images[name] = imgs
         m = compute_metrics(imgs, reference, feature_extractor=feature_extractor, prc=stats is None)
+        b1 = None
+        if latency_repeats:
+            b1 = _latency(lambda s=sampler, y=conditions[:1]: decode(s(noise[:1], y)[0]), latency_repeats)
         rows[name] = {
             "fid": m["fid"], "is": m["is"], "precision": m.get("precision"), "recall": m.get("recall"),
-            "class_acc": class_accuracy(imgs, labels, classifier) if digits else None, "steps": sampler.steps,
-            "images_per_s": num_images / seconds,
+            "class_acc": class_accuracy(imgs, labels, classifier) if digits else None,
+            "clip": clip_score(imgs, list(prompts), clip_model) if clip_model is not None and prompts else None,
+            "steps": sampler.steps, "images_per_s": num_images / seconds, "ms_batch1": None if b1 is None else b1 * 1e3,
         }  # fmt: skip
     return rows, images
 
@@ -152,16 +184,24 @@ def evaluate_pipeline(
     classifier: Any = None,
     extra: Sequence[Sampler] = (),
     progress: bool = True,
+    prompts: list[str] | None = None,
+    labels: Tensor | None = None,
+    clip_model: Any = None,
+    latency_repeats: int = 3,
 ) -> dict[str, Any]:
-    """Generate ``num_images`` images per sampler from the same noise and classes and measure them.
+    """Generate ``num_images`` images per sampler from the same noise and conditions and measure them.
 
     reference: real images, uint8 (M, 3, H, W), or a folder of real images (no class accuracy then), or FID
         statistics (:func:`distilled_decoding.fid.statistics_reference`: a file or Hub reference such as
         ``IMAGENET256_FID_STATISTICS``; FID and IS only, no precision / recall).
     probs: per-class marginals (C, N, V) for the baselines (None: no baselines).
     extra: more samplers, as rows right after the teacher's (e.g. another teacher, :class:`Reordered` into the
-    student's sequence order).
-    Returns ``{"rows": {name: metrics}, "images": {name: uint8 (B, 3, H, W)}, "labels", "settings"}``.
+        student's sequence order).
+    prompts: text-conditional students: image i gets ``prompts[i % P]`` (class ids i mod C otherwise); ``labels``
+        (P,) the digit each prompt names, for the class-accuracy (prompt adherence) column.
+    clip_model: CLIP weights (folder, Hub id or loaded (model, processor)) for the CLIP score of text prompts.
+    latency_repeats: timed batch-1 calls per sampler (median, after a warm-up; 0: no batch-1 columns).
+    Returns ``{"rows": {name: metrics}, "images": {name: uint8 (B, 3, H, W)}, "labels", "prompts", "settings"}``.
     """
     from distilled_decoding.fid import statistics_reference
 
@@ -171,31 +211,51 @@ def evaluate_pipeline(
     reference = stats if stats is not None else reference
     student = pipe.student
     n_tok, dim = pipe.noise_shape
-    labels = torch.arange(num_images) % student.num_classes
+    if prompts is not None:
+        order = torch.arange(num_images) % len(prompts)
+        conditions = _prompt_conditions(pipe, list(prompts), num_images)
+        labels = None if labels is None else torch.as_tensor(labels)[order]
+        image_prompts = [prompts[int(k)] for k in order]
+    else:
+        labels = conditions = torch.arange(num_images) % student.num_classes
+        image_prompts = None
     noise = torch.randn(num_images, n_tok, dim, generator=torch.Generator().manual_seed(seed))
     samplers = standard_samplers(pipe, teacher, refine=refine, skip=skip, probs=probs, seed=seed)
     refine = next((s.teacher_tokens for s in samplers if isinstance(s, RefinedSampler)), refine)
     samplers = [*samplers[:2], *extra, *samplers[2:]]  # other teachers right after this one's rows
-    rows, images = measure_samplers(samplers, pipe.decode, noise, labels, reference, batch_size=batch_size,
-                                    feature_extractor=feature_extractor, classifier=classifier,
+    rows, images = measure_samplers(samplers, pipe.decode, noise, conditions, reference, labels=labels,
+                                    batch_size=batch_size, feature_extractor=feature_extractor, classifier=classifier,
+                                    prompts=image_prompts, clip_model=clip_model, latency_repeats=latency_repeats,
                                     progress=progress)  # fmt: skip
-    base, flow_map = rows["teacher AR (multinomial)"]["images_per_s"], rows["teacher AR (flow map)"]["images_per_s"]
+    base, flow_map = rows["teacher AR (multinomial)"], rows["teacher AR (flow map)"]
     for r in rows.values():
-        r["speedup"] = r["images_per_s"] / base  # vs the teacher's ordinary (multinomial, KV-cache) decoding
-        r["speedup_vs_flow_map"] = r["images_per_s"] / flow_map
+        r["speedup"] = r["images_per_s"] / base["images_per_s"]  # vs the teacher's ordinary (multinomial) decoding
+        r["speedup_vs_flow_map"] = r["images_per_s"] / flow_map["images_per_s"]
+        r["speedup_batch1"] = None if r.get("ms_batch1") is None else base["ms_batch1"] / r["ms_batch1"]
     settings = {"num_images": num_images, "batch_size": batch_size, "seed": seed,
                 "refine": list(refine) if refine else None,
                 "skip": list(skip), "feature_extractor": feature_extractor,
-                "reference": described if not digits else f"digits ({len(reference)} images)"}  # fmt: skip
-    return {"rows": rows, "images": images, "labels": labels, "settings": settings}
+                "reference": described if not digits else f"digits ({len(reference)} images)",
+                "prompts": None if prompts is None else len(prompts), "latency_repeats": latency_repeats}  # fmt: skip
+    return {"rows": rows, "images": images, "labels": labels, "prompts": image_prompts, "settings": settings}
 
 
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
     """Markdown table of :func:`evaluate_pipeline` rows."""
-    cols = [("fid", "FID", "{:.3f}"), ("is", "IS", "{:.2f}"), ("precision", "precision", "{:.3f}"),
-            ("recall", "recall", "{:.3f}"), ("class_acc", "class acc", "{:.3f}"), ("steps", "steps", "{}"),
-            ("images_per_s", "images/s", "{:.1f}"), ("speedup", "speedup vs teacher (multinomial)", "{:.1f}x"),
-            ("speedup_vs_flow_map", "vs teacher (flow map)", "{:.1f}x")]  # fmt: skip
+    cols = [
+        ("fid", "FID", "{:.3f}"),
+        ("is", "IS", "{:.2f}"),
+        ("precision", "precision", "{:.3f}"),
+        ("recall", "recall", "{:.3f}"),
+        ("class_acc", "class acc", "{:.3f}"),
+        ("clip", "CLIP", "{:.2f}"),
+        ("steps", "steps", "{}"),
+        ("images_per_s", "images/s", "{:.1f}"),
+        ("speedup", "speedup vs teacher (multinomial)", "{:.1f}x"),
+        ("speedup_vs_flow_map", "vs teacher (flow map)", "{:.1f}x"),
+        ("ms_batch1", "ms (batch 1)", "{:.1f}"),
+        ("speedup_batch1", "speedup (batch 1)", "{:.1f}x"),
+    ]
     lines = ["| sampler | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
     for name, r in rows.items():
         lines.append(
@@ -254,14 +314,23 @@ def evaluate_job(cfg: Any, teacher: Any, vq: Any) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     pipe = DistilledDecodingPipeline.from_pretrained(cfg.pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
-    ds = TrajectoryDataset(cfg.trajectory_dir)
-    toks = torch.stack([ds[i]["tokens"] for i in range(len(ds))])
-    labs = torch.stack([ds[i]["class_label"] for i in range(len(ds))])
-    probs = marginals(toks, labs, teacher.vocab_size, teacher.num_classes)
     n_tok, n_steps = teacher.seq_len, len(teacher.decode_groups())
-    # skip-1 is no baseline for VAR (its last scale depends on earlier scales only: one parallel step is exact)
-    default_skip = {n for n in (max(2, n_steps // 8), max(2, n_steps // 4)) if n < n_steps}
-    skip = tuple(ec.skip) if ec.skip is not None else tuple(sorted(default_skip))
+    prompts = labels = None
+    if ec.prompts is not None:  # text-to-image: held-out prompts have no trajectory marginals, so no baselines
+        from distilled_decoding.prompts import load_prompt_labels, load_prompts
+
+        prompts = load_prompts(ec.prompts, ec.prompt_column, ec.prompt_delimiter)
+        if ec.label_column is not None:
+            labels = load_prompt_labels(ec.prompts, ec.label_column, ec.prompt_delimiter)
+        probs, skip = None, ()
+    else:
+        ds = TrajectoryDataset(cfg.trajectory_dir)
+        toks = torch.stack([ds[i]["tokens"] for i in range(len(ds))])
+        labs = torch.stack([ds[i]["class_label"] for i in range(len(ds))])
+        probs = marginals(toks, labs, teacher.vocab_size, teacher.num_classes)
+        # skip-1 is no baseline for VAR (its last scale depends on earlier scales only: one parallel step is exact)
+        default_skip = {n for n in (max(2, n_steps // 8), max(2, n_steps // 4)) if n < n_steps}
+        skip = tuple(ec.skip) if ec.skip is not None else tuple(sorted(default_skip))
     if ec.reference == "digits":
         size = pipe.decode(pipe.student.codebook[torch.zeros(1, n_tok, dtype=torch.long)]).shape[-1]
         reference: Any = load_digits_images(size=size)[0]
@@ -269,19 +338,27 @@ def evaluate_job(cfg: Any, teacher: Any, vq: Any) -> dict[str, Any]:
         reference = ec.reference  # a folder of images, or FID statistics (file or Hub reference)
     result = evaluate_pipeline(pipe, teacher, reference, num_images=ec.num_images, batch_size=ec.batch_size,
                                seed=ec.seed, refine=tuple(ec.refine) if ec.refine else None, skip=skip, probs=probs,
-                               feature_extractor=ec.feature_extractor,
+                               feature_extractor=ec.feature_extractor, prompts=prompts, labels=labels,
+                               clip_model=ec.clip_model, latency_repeats=ec.latency_repeats,
                                extra=extra_teacher_samplers(ec.extra_teachers, pipe))  # fmt: skip
     rows = result["rows"]
     extra_names = {str(e["name"]) for e in ec.extra_teachers}
     # rows that are functions of the noise
     grid_rows = [r for r in rows if r.startswith(("teacher AR (flow", "DD")) or r in extra_names]
-    save_grid(result["images"], result["labels"], out / "samples_grid.png", grid_rows, ec.grid_columns)
+    if prompts is not None:  # columns: the first prompts (image i has prompt i), labelled with their text
+        from distilled_decoding.grid import labelled_grid
+
+        cols = list(range(min(ec.grid_columns, len(prompts), ec.num_images)))
+        labelled_grid(result["images"], grid_rows, cols, [prompts[c] for c in cols], out / "samples_grid.png")
+    else:
+        save_grid(result["images"], result["labels"], out / "samples_grid.png", grid_rows, ec.grid_columns)
     table = format_table(rows)
     teacher_row = rows["teacher AR (flow map)"]
     ratios = {
         name: {
             "fid_ratio": r["fid"] / teacher_row["fid"],
             "class_acc_gap": None if r["class_acc"] is None else teacher_row["class_acc"] - r["class_acc"],
+            "speedup_batch1": r.get("speedup_batch1"),
         }
         for name, r in rows.items()
     }

@@ -85,13 +85,14 @@ CONTINUOUS_LOSSES = frozenset({"mse", "image"})
 
 
 def student_outputs(student: Any, batch: Mapping[str, Tensor], t: Tensor, forward: Any = None) -> StudentOutputs:
-    """Assemble X_t from the batch (``noise`` (B, N, D), ``tokens`` (B, N), ``class_label`` (B,)) at timesteps t (B,)
-    and run the student once (``forward`` replaces ``student`` for the call, e.g. its DDP wrapper)."""
+    """Assemble X_t from the batch (``noise`` (B, N, D), ``tokens`` (B, N) and the condition fields the student's
+    spec reads: ``class_label`` (B,), or ``caption_features`` + ``caption_mask``) at timesteps t (B,) and run the
+    student once (``forward`` replaces ``student`` for the call, e.g. its DDP wrapper)."""
     tokens = batch["tokens"]
     data = student.codebook[tokens]
     n_data = student.data_positions(t)
     x_t = perturb(data, n_data, batch["noise"].to(data.dtype))
-    logits, vectors = (forward or student)(x_t, batch["class_label"], t)
+    logits, vectors = (forward or student)(x_t, student.condition.from_batch(batch), t)
     pos = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
     noisy = (pos >= n_data[:, None]).float()
     late = noisy * (pos >= student.split_position).float()

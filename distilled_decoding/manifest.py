@@ -7,6 +7,11 @@ range, the shard entries exactly the plan (in order, contiguous, covering ``num_
 metadata, tensor names, dtypes and shapes) with the manifest; :func:`shard_bytes_ok` decides whether a shard's
 bytes can be trusted: the manifest's sha256 when the build was sealed, otherwise the payload digest the writer
 stored in the shard's own header. Every message names the file and the key.
+
+Format 2 stores each sample's condition as ``condition_id`` with ``settings.condition`` (the condition table:
+``{"kind": "class", "num_classes": C}`` or ``{"kind": "text", "num_prompts": P, ...}``) and
+``settings.condition_ids``; format 1 (still read) stored ``class_label`` with ``settings.num_classes`` and
+``settings.class_labels``. :func:`shard_ids` gives a folder's id key, id count and id origin either way.
 """
 
 from __future__ import annotations
@@ -41,12 +46,13 @@ __all__ = [
     "check_shard_header",
     "shard_bytes_ok",
     "check_shard_values",
+    "shard_ids",
 ]
 
 MANIFEST = "manifest.json"
 FORMAT = "distilled-decoding trajectories"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 META_KEY = "distilled_decoding"
 
 
@@ -96,25 +102,40 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _INT, _NUM, _STR, _BOOL, _DICT = "int", "number", "str", "bool", "dict"
 
 _SAMPLING = {"cfg_scale": _NUM, "cfg_interval": _INT, "top_k": _INT, "top_p": _NUM, "temperature": _NUM}
-_SETTINGS = {
+_COMMON = {
     "format_version": _INT,
     "num_samples": _INT,
     "seed": _INT,
     "seq_len": _INT,
-    "num_classes": _INT,
     "codebook_dim": _INT,
     "shard_size": _INT,
     "noise_dtype": _STR,
     "noise_storage": _STR,
-    "class_labels": _STR,
     "sampling": _SAMPLING,
     "flow": _DICT,
 }
+#: settings schema by format version (1: class ids only; 2: a condition table)
+_SETTINGS = {
+    1: {**_COMMON, "num_classes": _INT, "class_labels": _STR},
+    2: {**_COMMON, "condition": _DICT, "condition_ids": _STR},
+}
+#: the condition table's id count key by kind (format 2)
+_ID_COUNT = {"class": "num_classes", "text": "num_prompts"}
+
+
+def shard_ids(settings: Mapping[str, Any]) -> tuple[str, int, str]:
+    """``(shard key, number of ids, "uniform" | "given:<sha256>")`` of a validated manifest's settings."""
+    if settings["format_version"] == 1:
+        return "class_label", int(settings["num_classes"]), settings["class_labels"]
+    cond = settings["condition"]
+    return "condition_id", int(cond[_ID_COUNT[cond["kind"]]]), settings["condition_ids"]
+
+
 _TEACHER = {"class": _STR, "config": _DICT, "weights_sha256": _STR, "codebook_sha256": _STR, "codebook_shape": "list"}
 _TOP = {
     "format": _STR,
     "complete": _BOOL,
-    "settings": _SETTINGS,
+    "settings": _DICT,  # by format version: _SETTINGS
     "teacher": _TEACHER,
     "settings_digest": _STR,
     "num_shards": _INT,
@@ -170,19 +191,31 @@ def validate_manifest(manifest: Any, where: str) -> dict[str, Any]:
     m, s, t = manifest, manifest["settings"], manifest["teacher"]
     if m["format"] != FORMAT:
         raise _fail(where, "format", f"{m['format']!r} is not {FORMAT!r}")
-    if s["format_version"] not in SUPPORTED_FORMAT_VERSIONS:
-        raise _fail(where, "settings.format_version", f"{s['format_version']} is not supported by this version "
+    version = s.get("format_version")
+    if not _type_ok(version, _INT) or version not in SUPPORTED_FORMAT_VERSIONS:
+        raise _fail(where, "settings.format_version", f"{version!r} is not supported by this version "
                     f"(reads {list(SUPPORTED_FORMAT_VERSIONS)})")  # fmt: skip
-    for key in ("num_samples", "seq_len", "num_classes", "codebook_dim", "shard_size"):
+    _check_keys(where, s, _SETTINGS[version], "settings.")
+    if version >= 2:
+        cond = s["condition"]
+        count = _ID_COUNT.get(cond.get("kind"))
+        if count is None:
+            raise _fail(where, "settings.condition.kind", f"{cond.get('kind')!r}: expected one of {sorted(_ID_COUNT)}")
+        if not (_type_ok(cond.get(count), _INT) and cond[count] >= 1):
+            raise _fail(where, f"settings.condition.{count}", f"{cond.get(count)!r}: expected an int >= 1")
+    for key in ("num_samples", "seq_len", "codebook_dim", "shard_size"):
         if s[key] < 1:
             raise _fail(where, f"settings.{key}", f"{s[key]} must be >= 1")
     if s["noise_dtype"] != "float16":
         raise _fail(where, "settings.noise_dtype", f"{s['noise_dtype']!r}: expected 'float16'")
     if s["noise_storage"] not in ("stored", "regenerated"):
         raise _fail(where, "settings.noise_storage", f"{s['noise_storage']!r}: expected 'stored' or 'regenerated'")
-    labels = s["class_labels"]
+    id_key, num_ids, labels = shard_ids(s)
+    if num_ids < 1:
+        raise _fail(where, "settings.num_classes", f"{num_ids} must be >= 1")
     if labels != "uniform" and not (labels.startswith("given:") and _HEX64.match(labels[6:])):
-        raise _fail(where, "settings.class_labels", f"{labels!r}: expected 'uniform' or 'given:<sha256>'")
+        name = "class_labels" if version == 1 else "condition_ids"
+        raise _fail(where, f"settings.{name}", f"{labels!r}: expected 'uniform' or 'given:<sha256>'")
     for key in ("weights_sha256", "codebook_sha256"):
         if not _HEX64.match(t[key]):
             raise _fail(where, f"teacher.{key}", f"{t[key]!r} is not a sha256 hex digest")
@@ -280,7 +313,7 @@ def check_shard_header(path: Path, manifest: Mapping[str, Any], k: int) -> dict[
         if meta.get(key) != want:
             raise TrajectoryError(f"{path}: header {key}={meta.get(key)!r}, but {MANIFEST} expects {want!r}")
     n, seq, dim = b - a, s["seq_len"], s["codebook_dim"]
-    want = {"tokens": ((n, seq), ("I16", "I32", "I64")), "class_label": ((n,), ("I16", "I32", "I64")),
+    want = {"tokens": ((n, seq), ("I16", "I32", "I64")), shard_ids(s)[0]: ((n,), ("I16", "I32", "I64")),
             "index": ((n,), ("I64",))}  # fmt: skip
     if s["noise_storage"] == "stored":
         want["noise"] = ((n, seq, dim), ("F16",))
@@ -323,18 +356,20 @@ def shard_bytes_ok(path: Path, manifest: Mapping[str, Any], k: int) -> bool:
 
 
 def check_shard_values(path: Path, manifest: Mapping[str, Any], k: int, tensors: Mapping[str, Tensor]) -> None:
-    """Value checks of an opened shard: token ids < V, class ids < num_classes, index = start..stop−1, finite
-    noise. Catches a folder whose checksums agree with wrong contents (e.g. both edited)."""
+    """Value checks of an opened shard: token ids < V, condition ids < their count, index = start..stop−1,
+    finite noise. Catches a folder whose checksums agree with wrong contents (e.g. both edited)."""
     s, t = manifest["settings"], manifest["teacher"]
     entry = manifest["shards"][k]
     vocab = t["codebook_shape"][0]
-    tok, lab = tensors["tokens"], tensors["class_label"]
+    id_key, num_ids, _ = shard_ids(s)
+    tok, lab = tensors["tokens"], tensors[id_key]
     if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= vocab):
         raise TrajectoryError(f"{path}: token ids in [{int(tok.min())}, {int(tok.max())}], outside [0, {vocab}) "
                               "(teacher.codebook_shape[0])")  # fmt: skip
-    if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= s["num_classes"]):
-        raise TrajectoryError(f"{path}: class ids in [{int(lab.min())}, {int(lab.max())}], outside "
-                              f"[0, {s['num_classes']}) (settings.num_classes)")  # fmt: skip
+    if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= num_ids):
+        where = "settings.num_classes" if s["format_version"] == 1 else "settings.condition"
+        raise TrajectoryError(f"{path}: {id_key} values in [{int(lab.min())}, {int(lab.max())}], outside "
+                              f"[0, {num_ids}) ({where})")  # fmt: skip
     if not torch.equal(tensors["index"], torch.arange(entry["start"], entry["stop"], dtype=torch.int64)):
         raise TrajectoryError(f"{path}: index is not {entry['start']}..{entry['stop'] - 1}")
     if "noise" in tensors and not bool(torch.isfinite(tensors["noise"]).all()):

@@ -9,15 +9,25 @@
     images = dd.generate(noise, class_labels, steps=2, teacher=gpt, teacher_tokens=(60, 80))   # refined
     out = dd(class_labels=[3, 7], num_inference_steps=1, generator=g)   # ImagePipelineOutput, .images = PIL
 
+    # text-to-image students (distilled from a LlamaGen T2I teacher): the pipeline holds the text encoder
+    out = dd(prompt=["a red bus on a street"], num_inference_steps=1, generator=g)
+    images = dd.generate(noise, prompt=["a handwritten seven"], steps=2)
+    images = dd.generate(noise, prompt_embeds=dd.encode_prompt(["a handwritten seven"]), steps=1)
+
 Teacher-refined sampling: one student step from pure noise, keep its first T tokens, let the teacher regenerate
 tokens T..t₂−1 through the flow map *with the same noise* (so the image stays a deterministic function of the
 noise; ``teacher_sampling="random"`` reproduces the official variant, which samples those tokens at random),
 then one student step at t₂. Steps: 1 + (t₂ − T) + 1 (no first step when T = 0).
 
-Saved with ``save_pretrained`` as ``model_index.json`` + ``student/`` + ``tokenizer/`` (safetensors only) and a
-generated model card — only those files are written, each atomically, nothing else in the folder is touched;
-``from_pretrained`` takes a folder or a Hub repo id (offline from the HF cache too). A teacher passed for
-refinement must have the weights the student was distilled from (sha256, re-checked when the weights change).
+Saved with ``save_pretrained`` as ``model_index.json`` + ``student/`` + ``tokenizer/`` (+ ``text_encoder/`` and
+``text_tokenizer/`` for text-to-image students; safetensors only) and a generated model card — only those files are
+written, each atomically, nothing else in the folder is touched; ``from_pretrained`` takes a folder or a Hub repo id
+(offline from the HF cache too). A teacher passed for refinement must have the weights the student was distilled
+from (sha256, re-checked when the weights change).
+
+Prompts: the text encoder (a ``transformers`` ``T5EncoderModel``, FLAN-T5-XL for LlamaGen's T2I models) and its
+tokenizer turn prompts into caption features as LlamaGen does (:mod:`distilled_decoding.text`: ``max_length`` = the
+student's caption positions, 120 for LlamaGen; a longer prompt is truncated **with a warning**; left padding).
 """
 
 from __future__ import annotations
@@ -39,18 +49,23 @@ __all__ = ["DistilledDecodingPipeline"]
 
 
 class DistilledDecodingPipeline(DiffusionPipeline):
-    """Components: ``student`` (a :mod:`~distilled_decoding.students` student) and ``tokenizer`` (the teacher's
-    image tokenizer, e.g. :class:`~distilled_decoding.tokenizers.vq.VQTokenizer`; only its decoder is used).
+    """Components: ``student`` (a :mod:`~distilled_decoding.students` student), ``tokenizer`` (the teacher's
+    image tokenizer, e.g. :class:`~distilled_decoding.tokenizers.vq.VQTokenizer`; only its decoder is used), and for
+    text-conditional students ``text_encoder`` (``transformers.T5EncoderModel``) and ``text_tokenizer`` (its
+    tokenizer) — None for class-conditional ones (diffusers' optional components).
 
     ``info`` (saved in ``model_index.json``): provenance shown in the model card — the teacher's identity and
     sampling settings (used by teacher-refined sampling), the trajectory settings and measured metrics.
     """
 
-    model_cpu_offload_seq = "student->tokenizer"
+    model_cpu_offload_seq = "text_encoder->student->tokenizer"
+    _optional_components = ["text_encoder", "text_tokenizer"]
 
-    def __init__(self, student: Any, tokenizer: Any, info: dict | None = None):
+    def __init__(self, student: Any, tokenizer: Any, text_encoder: Any = None, text_tokenizer: Any = None,
+                 info: dict | None = None):  # fmt: skip
         super().__init__()
-        self.register_modules(student=student, tokenizer=tokenizer)
+        self.register_modules(student=student, tokenizer=tokenizer, text_encoder=text_encoder,
+                              text_tokenizer=text_tokenizer)  # fmt: skip
         self.register_to_config(info=info or {})
         if student is not None and tokenizer is not None:
             self._check_components()
@@ -64,6 +79,16 @@ class DistilledDecodingPipeline(DiffusionPipeline):
                 f"tokenizer: its codebook {tuple(cb_tok.shape)} differs from the one the student was trained with "
                 f"{tuple(cb_student.shape)}"
             )
+        width = self.student.condition.describe().get("width")  # caption features' width; None: class-conditional
+        if (self.text_encoder is None) != (self.text_tokenizer is None):
+            raise ValueError("text_encoder, text_tokenizer: give both (the T5 encoder and its tokenizer) or neither")
+        if self.text_encoder is not None and width is None:
+            raise ValueError("text_encoder: the student is class-conditional and takes no text; pass text_encoder=None")
+        d_model = getattr(getattr(self.text_encoder, "config", None), "d_model", None)
+        if self.text_encoder is not None and d_model != width:
+            raise ValueError(
+                f"text_encoder: features of width {d_model}, but the student reads caption features of width {width}"
+            )
 
     # -- properties ---------------------------------------------------------------------------------------------
     @property
@@ -74,6 +99,51 @@ class DistilledDecodingPipeline(DiffusionPipeline):
     def noise_shape(self) -> tuple[int, int]:
         """(N, D): tokens per image and codebook dimension of the student's input noise."""
         return (self.student.seq_len, int(self.student.config.codebook_dim))
+
+    # -- conditions ----------------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | Sequence[str]) -> Any:
+        """Prompts → the student's caption features (a TextCondition (B, P, C) on the text encoder's device), as
+        LlamaGen's T5 embedder computes them; a prompt over P tokens is truncated with a warning."""
+        from distilled_decoding.text import T5TextEncoder, check_prompts
+
+        if self.text_encoder is None:
+            raise ValueError(
+                "prompt: this pipeline's student is class-conditional (no text encoder); pass class_labels instead"
+            )
+        prompt = check_prompts(prompt, "prompt")
+        length = self.student.condition.describe()["length"]
+        return T5TextEncoder(self.text_encoder, self.text_tokenizer, max_length=length).encode(prompt)
+
+    def prepare_condition(
+        self,
+        class_labels: Tensor | Sequence[int] | None = None,
+        prompt: str | Sequence[str] | None = None,
+        prompt_embeds: Any = None,
+        batch: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Any:
+        """The student's condition from at most one of ``class_labels`` (B,), ``prompt`` (strings) or
+        ``prompt_embeds`` (a TextCondition, e.g. :meth:`encode_prompt`'s), validated for ``batch`` rows (None: any)
+        and on the student's device; none: ``batch`` conditions drawn with ``generator`` (class ids; a
+        text-conditional student needs prompts). ValueError naming the argument when it does not fit the student."""
+        given = {k: v for k, v in (("class_labels", class_labels), ("prompt", prompt), ("prompt_embeds", prompt_embeds))
+                 if v is not None}  # fmt: skip
+        text = self.text_encoder is not None
+        if not given and batch is not None:
+            return self.student.condition.draw(batch, generator, self.student.codebook.device)
+        if len(given) != 1:
+            want = "prompt (or prompt_embeds)" if text else "class_labels"
+            got = " and ".join(given) if given else "none"
+            raise ValueError(f"{want}: give exactly one condition (class_labels, prompt or prompt_embeds); got {got}")
+        (name, value), spec = next(iter(given.items())), self.student.condition
+        if name == "prompt":
+            value = self.encode_prompt(value)
+        elif isinstance(value, (list, tuple)) and all(type(v) is int for v in value):
+            value = torch.tensor(value, dtype=torch.long)
+        if isinstance(value, str):
+            raise TypeError(f"{name}: got a string; prompts go in prompt=")
+        value = spec.check(value, batch, name=name)
+        return spec.to(value, self.student.codebook.device)
 
     # -- sampling ------------------------------------------------------------------------------------------------
     def sampler(
@@ -107,6 +177,8 @@ class DistilledDecodingPipeline(DiffusionPipeline):
         class_labels: Tensor | Sequence[int] | None = None,
         steps: int = 1,
         *,
+        prompt: str | Sequence[str] | None = None,
+        prompt_embeds: Any = None,
         teacher: Any = None,
         teacher_tokens: tuple[int, int] | None = None,
         teacher_sampling: str = "flow",
@@ -114,19 +186,44 @@ class DistilledDecodingPipeline(DiffusionPipeline):
         return_tokens: bool = False,
         return_labels: bool = False,
     ) -> Tensor | tuple[Tensor, ...]:
-        """noise (B, N, D) standard normal, class_labels (B,) → images (B, 3, H, W) float in [0, 1].
+        """noise (B, N, D) standard normal and the condition — ``class_labels`` (B,), or for a text-conditional
+        student ``prompt`` (B strings) or ``prompt_embeds`` (a TextCondition of B rows) — → images (B, 3, H, W)
+        float in [0, 1].
 
-        ``class_labels`` omitted (None): B classes drawn uniformly from [0, num_classes) with ``generator``
-        (``torch.randint`` on the generator's device, the CPU when None), so ``generate(noise, steps=1)`` works
-        and is reproducible with a seeded generator; ``return_labels=True`` returns them.
+        ``class_labels`` omitted for a class-conditional student: B classes drawn uniformly from [0, num_classes)
+        with ``generator`` (``torch.randint`` on the generator's device, the CPU when None), so
+        ``generate(noise, steps=1)`` works and is reproducible with a seeded generator.
         ``steps=1`` samples at t = 0; ``steps=2`` at the student's timesteps (e.g. (0, 80)). With ``teacher`` and
         ``teacher_tokens=(T, t2)`` the teacher regenerates tokens T..t2−1 between the two student steps
         (``teacher_sampling="flow"``: through the flow map with the same noise; ``"random"``: multinomial with
-        ``generator``). Returns ``images``, then the final tokens (B, N) if ``return_tokens``, then the labels
-        (B,) if ``return_labels``.
+        ``generator``). Returns ``images``, then the final tokens (B, N) if ``return_tokens``, then the condition
+        (class labels (B,) or the caption features) if ``return_labels``.
         """
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+        _check_noise(noise, self.noise_shape)
+        condition = self.prepare_condition(class_labels, prompt, prompt_embeds, batch=noise.shape[0],
+                                           generator=generator)  # fmt: skip
+        return self.generate_from_condition(noise, condition, steps, teacher=teacher, teacher_tokens=teacher_tokens,
+                                            teacher_sampling=teacher_sampling, generator=generator,
+                                            return_tokens=return_tokens, return_labels=return_labels)  # fmt: skip
+
+    @torch.no_grad()
+    def generate_from_condition(
+        self,
+        noise: Tensor,
+        condition: Any,
+        steps: int = 1,
+        *,
+        teacher: Any = None,
+        teacher_tokens: tuple[int, int] | None = None,
+        teacher_sampling: str = "flow",
+        generator: torch.Generator | None = None,
+        return_tokens: bool = False,
+        return_labels: bool = False,
+    ) -> Tensor | tuple[Tensor, ...]:
+        """:meth:`generate` with the condition already in the student's form (:meth:`prepare_condition`)."""
         student = self.student
-        device = student.codebook.device
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
         _check_noise(noise, self.noise_shape)
@@ -134,23 +231,22 @@ class DistilledDecodingPipeline(DiffusionPipeline):
             raise TypeError(f"steps={steps!r}: expected an int (1 or {len(student.config.timesteps)})")
         if teacher_sampling not in ("flow", "random"):
             raise ValueError(f"teacher_sampling={teacher_sampling!r}: expected 'flow' or 'random'")
-        if class_labels is None:
-            class_labels = student.condition.draw(noise.shape[0], generator)
-        labels = student.check_inputs(noise, class_labels).to(device)
-        noise = noise.to(device=device, dtype=student.codebook.dtype)
+        condition = student.condition.to(student.check_inputs(noise, condition), student.codebook.device)
+        noise = noise.to(device=student.codebook.device, dtype=student.codebook.dtype)
         sampler = self.sampler(steps, teacher=teacher, teacher_tokens=teacher_tokens,
                                teacher_sampling=teacher_sampling, generator=generator)  # fmt: skip
-        vectors, tokens = sampler(noise, labels)
+        vectors, tokens = sampler(noise, condition)
         images = self.decode(vectors)
-        out = (images, *((tokens,) if return_tokens else ()), *((labels,) if return_labels else ()))
+        out = (images, *((tokens,) if return_tokens else ()), *((condition,) if return_labels else ()))
         return out if len(out) > 1 else images
 
     def _check_teacher(self, teacher: Any) -> None:
         if not isinstance(teacher, torch.nn.Module):
             raise TypeError(f"teacher: expected the teacher model (an nn.Module), got {type(teacher).__name__}")
         s = self.student
-        want = {"vocab_size": s.config.vocab_size, "seq_len": s.seq_len, "num_classes": s.num_classes}
-        got = {k: getattr(teacher, k, None) for k in want}
+        want = {"vocab_size": s.config.vocab_size, "seq_len": s.seq_len, "condition": s.condition.describe()}
+        got = {"vocab_size": getattr(teacher, "vocab_size", None), "seq_len": getattr(teacher, "seq_len", None),
+               "condition": teacher.condition.describe() if hasattr(teacher, "condition") else None}  # fmt: skip
         if got != want:
             diff = ", ".join(f"{k} {got[k]} (student {want[k]})" for k in want if got[k] != want[k])
             raise ValueError(f"teacher: does not match the student it would refine: {diff}")
@@ -175,7 +271,7 @@ class DistilledDecodingPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        class_labels: Sequence[int] | Tensor,
+        class_labels: Sequence[int] | Tensor | None = None,
         num_inference_steps: int = 1,
         generator: torch.Generator | None = None,
         output_type: str = "pil",
@@ -183,18 +279,25 @@ class DistilledDecodingPipeline(DiffusionPipeline):
         noise: Tensor | None = None,
         teacher: Any = None,
         teacher_tokens: tuple[int, int] | None = None,
+        *,
+        prompt: str | Sequence[str] | None = None,
+        prompt_embeds: Any = None,
     ) -> ImagePipelineOutput | tuple:
-        """diffusers-style entry point: draws the noise with ``generator`` (on the CPU, so results do not depend
-        on the device) and returns ``ImagePipelineOutput(images=...)`` as PIL images (``output_type="pil"``),
-        a float array in [0, 1] of shape (B, H, W, 3) (``"np"``) or a tensor (B, 3, H, W) (``"pt"``)."""
+        """diffusers-style entry point: one image per class label, prompt or row of ``prompt_embeds``; draws the noise
+        with ``generator`` (on the CPU, so results do not depend on the device) and returns
+        ``ImagePipelineOutput(images=...)`` as PIL images (``output_type="pil"``), a float array in [0, 1] of shape
+        (B, H, W, 3) (``"np"``) or a tensor (B, 3, H, W) (``"pt"``)."""
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type={output_type!r}: expected 'pil', 'np' or 'pt'")
-        labels = self.student.condition.check(class_labels)
+        if class_labels is not None and not isinstance(class_labels, (str, Tensor)):
+            class_labels = torch.as_tensor(class_labels).reshape(-1)
+        condition = self.prepare_condition(class_labels, prompt, prompt_embeds, generator=generator)
         if noise is None:
             gen_device = generator.device if generator is not None else "cpu"
-            noise = torch.randn((labels.shape[0], *self.noise_shape), generator=generator, device=gen_device)
-        images = self.generate(noise, labels, steps=num_inference_steps, teacher=teacher,
-                               teacher_tokens=teacher_tokens, generator=generator)  # fmt: skip
+            b = self.student.condition.batch_size(condition)
+            noise = torch.randn((b, *self.noise_shape), generator=generator, device=gen_device)
+        images = self.generate_from_condition(noise, condition, num_inference_steps, teacher=teacher,
+                                              teacher_tokens=teacher_tokens, generator=generator)  # fmt: skip
         if output_type == "pt":
             out: Any = images
         else:
@@ -267,10 +370,13 @@ class DistilledDecodingPipeline(DiffusionPipeline):
         teacher = info.get("teacher") or {}
         metrics = info.get("metrics") or {}
         n_params = sum(p.numel() for p in self.student.parameters())
+        text = self.text_encoder is not None
+        usage = "dd(prompt=['a red bus on a street'], num_inference_steps=1)" if text else \
+            "dd(class_labels=[0, 1], num_inference_steps=1)"  # fmt: skip
         lines = [
             "---",
             "library_name: distilled-decoding",
-            "pipeline_tag: unconditional-image-generation",
+            f"pipeline_tag: {'text-to-image' if text else 'unconditional-image-generation'}",
             "tags: [image-generation, distillation, autoregressive, distilled-decoding]",
             "license: mit",
             "---",
@@ -283,7 +389,7 @@ class DistilledDecodingPipeline(DiffusionPipeline):
             "```python",
             "from distilled_decoding import DistilledDecodingPipeline",
             "dd = DistilledDecodingPipeline.from_pretrained('<this repo or folder>')",
-            "images = dd(class_labels=[0, 1], num_inference_steps=1).images",
+            f"images = {usage}.images",
             "```",
             "",
             "## Teacher",
@@ -297,6 +403,12 @@ class DistilledDecodingPipeline(DiffusionPipeline):
             f"codebook {s.vocab_size} × {s.codebook_dim}",
             f"- timesteps (training and 2-step schedule): {list(s.timesteps)}; split (logits head before, continuous "
             f"head from): {s.split}",
+            f"- condition: `{json.dumps(self.student.condition.describe(), sort_keys=True)}`"
+            + (
+                f"; text encoder {type(self.text_encoder).__name__} (d_model {self.text_encoder.config.d_model})"
+                if text
+                else ""
+            ),
             f"- trajectories: {json.dumps(info.get('trajectories', {}), sort_keys=True)}",
             f"- training: {json.dumps(info.get('training', {}), sort_keys=True)}",
             "",

@@ -9,6 +9,12 @@ Stages (each resumable, each skipped when its output exists):
 
 Configuration: :class:`RecipeConfig` from defaults (the embedded digits teacher), then a YAML file, then
 ``section.field=value`` overrides, e.g. ``distill.max_steps=2000 trajectories.num_samples=50000``.
+
+Text-to-image teachers (LlamaGen ``model_type="t2i"``) take ``teacher.text_encoder`` (a T5 folder or Hub id,
+``google/flan-t5-xl``), ``trajectories.prompts`` (the prompts distilled: a list or a .txt / .csv / .tsv / .json file)
+and ``evaluate.prompts`` (+ ``label_column`` for prompt adherence, ``clip_model`` for the CLIP score); the saved
+pipeline holds the text encoder. Relative paths that do not exist in the working directory are looked up in the
+repository (``checkpoints/digits_t2i/...`` works from anywhere).
 """
 
 from __future__ import annotations
@@ -53,6 +59,16 @@ __all__ = [
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def repo_path(path: Any) -> Any:
+    """A relative path that exists in the repository but not in the working directory → the repository's; anything
+    else (absolute paths, Hub references, lists, None) unchanged."""
+    if not isinstance(path, str) or Path(path).is_absolute() or Path(path).exists():
+        return path
+    return str(ROOT / path) if (ROOT / path).exists() else path
+
+
 STAGES = ("trajectories", "train", "save", "evaluate")
 #: the embedded default job (``recipes/distill_llamagen.py`` without ``--config``)
 DEFAULT_CONFIG = ROOT / "recipes" / "configs" / "digits_llamagen.yaml"
@@ -69,7 +85,8 @@ class TeacherConfig(ValidatedConfig):
     folder holding the VAE too), ``tokenizer`` = ``vae_ch160v4096z32.pth``, ``preset`` = the depth (16 or "d16").
     Without ``model`` the family's embedded default in ``checkpoints/`` is used.
     Files may be Hub references, e.g. ``model=FoundationVision/LlamaGen/c2i_B_256.pt``
-    (see :mod:`distilled_decoding.hub`).
+    (see :mod:`distilled_decoding.hub`). ``text_encoder``: text-to-image teachers' T5 encoder and tokenizer (a folder
+    or a Hub id such as ``google/flan-t5-xl``), loaded with ``max_length`` = the teacher's caption positions.
     """
 
     kind: str = "llamagen"
@@ -78,6 +95,7 @@ class TeacherConfig(ValidatedConfig):
     preset: str | int | None = None
     block_size: int | None = None
     dtype: str = "float32"
+    text_encoder: str | None = None
 
     def validate(self) -> None:
         from distilled_decoding.teachers import families
@@ -92,6 +110,7 @@ class TeacherConfig(ValidatedConfig):
                 self.tokenizer = str(ROOT / embedded[1])
         self.require(bool(self.model), "model", self.model, f"a file or folder path (kind {self.kind!r} has no "
                      "embedded default)")  # fmt: skip
+        self.model, self.tokenizer, self.text_encoder = map(repo_path, (self.model, self.tokenizer, self.text_encoder))
 
     def load(self) -> tuple[Any, Any]:
         from distilled_decoding.teachers import load_teacher
@@ -100,6 +119,18 @@ class TeacherConfig(ValidatedConfig):
                                     block_size=self.block_size)  # fmt: skip
         dtype = getattr(torch, self.dtype)
         return (teacher if teacher.dtype == dtype else teacher.to(dtype)), tok
+
+    def load_text_encoder(self, teacher: Any) -> Any:
+        """The :class:`~distilled_decoding.text.T5TextEncoder` of a text-conditional ``teacher`` (None when
+        ``text_encoder`` is unset); ValueError when it does not fit the teacher."""
+        if self.text_encoder is None:
+            return None
+        from distilled_decoding.text import T5TextEncoder
+
+        length = teacher.condition.describe().get("length")
+        if length is None:
+            raise ValueError("teacher.text_encoder: the teacher is class-conditional and reads no text; unset it")
+        return T5TextEncoder.from_pretrained(self.text_encoder, max_length=length)
 
 
 @dataclass
@@ -116,6 +147,15 @@ class TrajectoryConfig(ValidatedConfig):
     top_p: float = 1.0
     temperature: float = 1.0
     store_noise: bool = True  # False: regenerate noise from (seed, i) when read (VAR: 32x smaller folders)
+    # text-to-image teachers: the prompts distilled (a list, or a .txt / .csv / .tsv / .json file and its column)
+    prompts: Any = None
+    prompt_column: str | None = None
+    prompt_delimiter: str | None = None
+
+    def load_prompts(self) -> list[str] | None:
+        from distilled_decoding.prompts import load_prompts
+
+        return None if self.prompts is None else load_prompts(self.prompts, self.prompt_column, self.prompt_delimiter)
 
     def validate(self) -> None:
         req = self.require
@@ -127,6 +167,7 @@ class TrajectoryConfig(ValidatedConfig):
         req(self.top_k >= 0, "top_k", self.top_k, "an int >= 0 (0 disables top-k)")
         req(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "a number in (0, 1]")
         req(self.temperature > 0, "temperature", self.temperature, "a number > 0")
+        self.prompts = repo_path(self.prompts)
 
     def sampling(self) -> dict[str, Any]:
         return {"cfg_scale": self.cfg_scale, "cfg_interval": self.cfg_interval, "top_k": self.top_k,
@@ -150,12 +191,21 @@ class EvalConfig(ValidatedConfig):
     grid_columns: int = 10
     # more teacher rows of the same tokenizer: [{name: "PAR-4× (converted)", kind: par, model: ...}, ...]
     extra_teachers: tuple[dict[str, Any], ...] = ()
+    latency_repeats: int = 3  # timed batch-1 calls per sampler (the batch-1 speedup column); 0: none
+    # text-to-image students: evaluation prompts (image i gets prompt i mod P); label_column: the class each prompt
+    # names (prompt adherence under the digits classifier); clip_model: CLIP weights for the CLIP score (optional)
+    prompts: str | None = None
+    prompt_column: str | None = None
+    prompt_delimiter: str | None = None
+    label_column: str | None = None
+    clip_model: str | None = None
 
     def validate(self) -> None:
         req = self.require
         for name in ("num_images", "batch_size", "grid_columns"):
             req(getattr(self, name) >= 1, name, getattr(self, name), "an int >= 1")
         req(self.seed >= 0, "seed", self.seed, "an int >= 0")
+        req(self.latency_repeats >= 0, "latency_repeats", self.latency_repeats, "an int >= 0")
         req(bool(self.reference), "reference", self.reference, "'digits' or a folder of images")
         req(self.feature_extractor in FEATURE_EXTRACTORS, "feature_extractor", self.feature_extractor,
             f"one of {FEATURE_EXTRACTORS}")  # fmt: skip
@@ -168,6 +218,7 @@ class EvalConfig(ValidatedConfig):
             ok = isinstance(entry.get("name"), str) and not set(entry) - allowed - {"name"}
             req(ok, f"extra_teachers[{i}]", entry,
                 f"a mapping with a 'name' (the table row) and teacher fields among {sorted(allowed)}")  # fmt: skip
+        self.prompts, self.clip_model = repo_path(self.prompts), repo_path(self.clip_model)
 
 
 @dataclass
@@ -288,7 +339,8 @@ def _run_stages(cfg: RecipeConfig, state: Any, record: str | None) -> dict[str, 
     out = Path(cfg.output_dir)
     if record is not None and state.is_main_process and not (out / "config.json").exists():
         atomic_write_text(out / "config.json", record)  # the job's configuration, from its start
-    summary: dict[str, Any] = {"output_dir": str(cfg.output_dir)}
+    text_encoder = cfg.teacher.load_text_encoder(teacher)
+    summary: dict[str, Any] = {"output_dir": str(out)}
     student_dir = Path(cfg.distill.output_dir)
 
     if "trajectories" in cfg.stages:
@@ -297,7 +349,8 @@ def _run_stages(cfg: RecipeConfig, state: Any, record: str | None) -> dict[str, 
         tc = cfg.trajectories
         build_trajectories(teacher, cfg.trajectory_dir, num_samples=tc.num_samples, batch_size=tc.batch_size,
                            seed=tc.seed, codebook=tokenizer.codebook, shard_size=tc.shard_size,
-                           store_noise=tc.store_noise, **tc.sampling())  # fmt: skip
+                           store_noise=tc.store_noise, prompts=tc.load_prompts(), text_encoder=text_encoder,
+                           **tc.sampling())  # fmt: skip
     student = None
     if "train" in cfg.stages:
         from distilled_decoding.distill import train_student
@@ -320,7 +373,9 @@ def _run_stages(cfg: RecipeConfig, state: Any, record: str | None) -> dict[str, 
             student = _student_class(final, cfg.teacher.kind).from_pretrained(final)
             _check_final_student(cfg, ds, student, final)
         info = pipeline_info(cfg, ds, read_training_settings(final))
-        pipe = DistilledDecodingPipeline(student=student, tokenizer=tokenizer, info=info)
+        text = {} if text_encoder is None else {"text_encoder": text_encoder.model,
+                                                "text_tokenizer": text_encoder.tokenizer}  # fmt: skip
+        pipe = DistilledDecodingPipeline(student=student, tokenizer=tokenizer, info=info, **text)
         pipe.save_pretrained(cfg.pipeline_dir)
         summary["pipeline"] = str(cfg.pipeline_dir)
     state.wait_for_everyone()
@@ -357,7 +412,12 @@ def pipeline_info(cfg: RecipeConfig, ds: Any, training: dict[str, Any] | None = 
         "teacher": ds.teacher,
         "teacher_sampling": s["sampling"],
         "flow": s["flow"],
-        "trajectories": {"num_samples": s["num_samples"], "seed": s["seed"], "class_labels": s["class_labels"]},
+        "trajectories": {
+            "num_samples": s["num_samples"],
+            "seed": s["seed"],
+            "condition": s.get("condition"),
+            "condition_ids": s.get("condition_ids", s.get("class_labels")),
+        },
         "training": dict((training or {}).get("distill") or {}),
     }
 

@@ -41,6 +41,7 @@ __all__ = [
     "check_prompts",
     "tokenize_prompts",
     "encode_prompts",
+    "pad_features",
     "T5TextEncoder",
     "PromptEmbeddingCache",
 ]
@@ -123,6 +124,23 @@ def encode_prompts(
     with torch.no_grad():
         hidden = text_encoder(input_ids=ids, attention_mask=mask)["last_hidden_state"]
     return TextCondition.from_padded(hidden, mask.bool())
+
+
+def pad_features(features: Sequence[Tensor], length: int, dtype: torch.dtype | None = None) -> TextCondition:
+    """Left-pad per-prompt features (n_i, C) (the real tokens, in order) to a TextCondition (B, length, C), zeros and
+    mask False in the padding, as LlamaGen's sampler feeds its GPT; ValueError when a prompt has over ``length``."""
+    if not features:
+        raise ValueError("features: expected at least one prompt's features")
+    width = features[0].shape[-1]
+    out = torch.zeros(len(features), length, width, dtype=dtype or features[0].dtype)
+    mask = torch.zeros(len(features), length, dtype=torch.bool)
+    for i, f in enumerate(features):
+        n = f.shape[0]
+        if n > length or f.ndim != 2 or f.shape[1] != width:
+            raise ValueError(f"features[{i}]: expected (n <= {length}, {width}), got {tuple(f.shape)}")
+        out[i, length - n :] = f
+        mask[i, length - n :] = True
+    return TextCondition(out, mask)
 
 
 class T5TextEncoder:
@@ -266,17 +284,26 @@ class PromptEmbeddingCache:
     Several processes may fill one folder: each writes its own files, atomically.
     """
 
-    def __init__(self, directory: str | os.PathLike, encoder: T5TextEncoder):
+    def __init__(self, directory: str | os.PathLike, encoder: T5TextEncoder | None = None, *,
+                 identity: str | None = None):  # fmt: skip
+        """``encoder`` computes missing prompts; without one (``identity`` = the :attr:`T5TextEncoder.identity` of
+        the encoder that filled the folder) the cache only reads: :meth:`features` of stored prompts."""
+        if encoder is None and not isinstance(identity, str):
+            raise ValueError("encoder: a PromptEmbeddingCache needs the text encoder, or identity= to read only")
         self.directory, self.encoder = Path(directory), encoder
+        self.identity: str = encoder.identity if encoder is not None else identity
         if self.directory.exists() and not self.directory.is_dir():
             raise ValueError(f"directory: {self.directory} exists and is not a folder")
-        self.directory.mkdir(parents=True, exist_ok=True)
+        if encoder is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        elif not self.directory.is_dir():
+            raise ValueError(f"directory: {self.directory} does not exist (no cached prompt embeddings)")
         self._index: dict[str, Path] = {}
         self.computed = 0  # number of prompts run through the encoder by this object
         self.refresh()
 
     def key(self, prompt: str) -> str:
-        return hashlib.sha256(f"{self.encoder.identity}\0{prompt}".encode()).hexdigest()
+        return hashlib.sha256(f"{self.identity}\0{prompt}".encode()).hexdigest()
 
     def refresh(self) -> None:
         """Re-read the folder's files (e.g. ones another process wrote)."""
@@ -288,7 +315,7 @@ class PromptEmbeddingCache:
             try:
                 with safe_open(str(path), "pt") as f:
                     meta = f.metadata() or {}
-                    if meta.get("format") == _CACHE_FORMAT and meta.get("encoder") == self.encoder.identity:
+                    if meta.get("format") == _CACHE_FORMAT and meta.get("encoder") == self.identity:
                         self._index.update({k: path for k in f.keys()})  # noqa: SIM118
             except (SafetensorError, OSError) as e:
                 raise ValueError(
@@ -304,6 +331,14 @@ class PromptEmbeddingCache:
     def encode(self, prompts: str | Sequence[str], *, batch_size: int = 64) -> TextCondition:
         """TextCondition of ``prompts`` (B, max_length, C) on the encoder's device; prompts not stored yet are
         encoded ``batch_size`` at a time (each distinct prompt once) and written to a new file."""
+        if self.encoder is None:
+            raise ValueError("encoder: this cache was opened to read only (no text encoder); use features()")
+        feats = self.features(prompts, batch_size=batch_size)
+        return pad_features(feats, self.encoder.max_length, dtype=self.encoder.dtype).to(self.encoder.device)
+
+    def features(self, prompts: str | Sequence[str], *, batch_size: int = 64) -> list[Tensor]:
+        """The stored features of each prompt's real tokens, (n_i, C) on the CPU; prompts not stored yet are encoded
+        ``batch_size`` at a time (each distinct prompt once), or, without an encoder, raise ValueError naming them."""
         prompts = check_prompts(prompts)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: expected a positive integer")
@@ -311,17 +346,16 @@ class PromptEmbeddingCache:
         if any(k not in self._index for k in keys):
             self.refresh()
         missing = list(dict.fromkeys(p for p, k in zip(prompts, keys) if k not in self._index))
+        if missing and self.encoder is None:
+            shown = ", ".join(repr(p[:40]) for p in missing[:3]) + (", ..." if len(missing) > 3 else "")
+            raise ValueError(
+                f"prompts: {len(missing)} prompt(s) have no embedding in {self.directory} for encoder "
+                f"{self.identity[:12]}: {shown}"
+            )
         for s in range(0, len(missing), batch_size):
             self._store(missing[s : s + batch_size])
         feats = self._load(list(dict.fromkeys(keys)))
-        length, width = self.encoder.max_length, self.encoder.feature_dim
-        out = torch.zeros(len(prompts), length, width, dtype=self.encoder.dtype)
-        mask = torch.zeros(len(prompts), length, dtype=torch.bool)
-        for i, k in enumerate(keys):
-            n = feats[k].shape[0]
-            out[i, length - n :] = feats[k]
-            mask[i, length - n :] = True
-        return TextCondition(out, mask).to(self.encoder.device)
+        return [feats[k] for k in keys]
 
     def _store(self, prompts: list[str]) -> None:
         from safetensors.torch import save_file
@@ -336,7 +370,7 @@ class PromptEmbeddingCache:
         digest = hashlib.sha256("".join(sorted(tensors)).encode()).hexdigest()[:16]
         path = self.directory / f"prompts-{digest}.safetensors"
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        meta = {"format": _CACHE_FORMAT, "encoder": self.encoder.identity, "prompts": json.dumps(names)}
+        meta = {"format": _CACHE_FORMAT, "encoder": self.identity, "prompts": json.dumps(names)}
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
         self._index.update({k: path for k in tensors})

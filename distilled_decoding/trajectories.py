@@ -1,13 +1,20 @@
 """Distilled Decoding training pairs: noise sequences mapped to token sequences through a frozen teacher.
 
 :func:`build_trajectories` runs the teacher's KV-cache sampling loop with the flow map as the token chooser,
-so token i of a sample is a deterministic function of (noise_1..noise_i, class). It writes safetensors
+so token i of a sample is a deterministic function of (noise_1..noise_i, condition). It writes safetensors
 shards and a ``manifest.json``::
 
     out_dir/
       manifest.json                 teacher identity, settings, shard list (ranges, sha256), "complete"
       shard-00000.safetensors       noise (n, N, D) float16, tokens (n, N) int16/int32,
-      shard-00001.safetensors       class_label (n,) int16/int32, index (n,) int64
+      shard-00001.safetensors       condition_id (n,) int16/int32, index (n,) int64
+      prompts.json                  text-conditional teachers: the prompts (condition_id = index)
+      prompt_embeddings/            ... and each distinct prompt's caption features, once (PromptEmbeddingCache)
+
+The condition of a sample is one integer, ``condition_id``: a class id, or the index of a prompt
+(:mod:`distilled_decoding.condition_tables` turns ids into what the teacher and the student take; the reader
+returns ``class_label``, or ``caption_features`` + ``caption_mask``, besides it). Folders of format 1 (``class_label``
+shards) are still read.
 
 With ``store_noise=False`` the shards hold no noise: it is regenerated from (seed, i) by :func:`sample_noise`
 when read (VAR: 680×32 fp16 noise is 43.5 KB per pair, the tokens 1.4 KB), and the manifest keeps a sha256 of
@@ -16,13 +23,14 @@ pairing other noise with the tokens.
 
 Guarantees:
 
-* the noise and class of sample i depend on ``(seed, i)`` alone (a per-sample ``torch.Generator`` on the CPU),
-  and the teacher runs on exactly the stored fp16-rounded noise;
+* the noise and condition (class, prompt) of sample i depend on ``(seed, i)`` alone (a per-sample
+  ``torch.Generator`` on the CPU) unless given, and the teacher runs on exactly the stored fp16-rounded noise;
 * shards are the unit of work: written atomically (temporary file + rename), split round-robin across
   processes (``accelerate launch``), skipped on restart only when their bytes are intact (the sealed
   manifest's sha256, or before sealing the payload digest each shard carries in its header; anything else is
   rebuilt) — a killed run resumes where it stopped and ends byte-identical to an uninterrupted one; a restart
-  with other settings or another teacher is refused with the differences listed; one build per folder at a
+  with other settings or another teacher (prompts and text encoder included) is refused with the differences
+  listed; one build per folder at a
   time (:class:`~distilled_decoding.fileio.JobLock`);
 * the manifest is validated before use (:mod:`distilled_decoding.manifest`: schema, shard plan, digest of the
   settings, shard headers); :class:`TrajectoryDataset` verifies each shard's checksum and values on first open
@@ -49,6 +57,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from distilled_decoding.condition_tables import ClassTable, condition_table, load_condition_table
 from distilled_decoding.fileio import atomic_path, atomic_write_text, job_lock, make_dirs
 from distilled_decoding.manifest import (
     FORMAT,
@@ -64,6 +73,7 @@ from distilled_decoding.manifest import (
     read_manifest,
     sha256_file,
     shard_bytes_ok,
+    shard_ids,
     shard_name,
 )
 from distilled_decoding.provenance import teacher_fingerprint, tensor_bytes
@@ -95,9 +105,10 @@ def sample_noise(
     dim: int,
     num_classes: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Noise (n, N, D) float16 and, when ``num_classes`` is given, uniform class labels (n,) long for the
-    samples ``indices``. Each sample draws from its own CPU generator seeded by (seed, index): first the
-    label, then the noise, so sample i is the same in any batch, process or run."""
+    """Noise (n, N, D) float16 and, when ``num_classes`` is given, uniform condition ids (n,) long in
+    [0, num_classes) (class labels, or prompt indices) for the samples ``indices``. Each sample draws from its own
+    CPU generator seeded by (seed, index): first the id, then the noise, so sample i is the same in any batch,
+    process or run."""
     noise = torch.empty(len(indices), seq_len, dim, dtype=torch.float16)
     labels = torch.empty(len(indices), dtype=torch.long) if num_classes is not None else None
     g = torch.Generator(device="cpu")
@@ -159,6 +170,9 @@ def build_trajectories(
     *,
     codebook: Tensor | None = None,
     class_labels: Sequence[int] | Tensor | None = None,
+    prompts: Any = None,
+    text_encoder: Any = None,
+    prompt_indices: Sequence[int] | Tensor | None = None,
     cfg_interval: int = -1,
     shard_size: int = 10_000,
     flow_kwargs: Mapping[str, Any] | None = None,
@@ -166,13 +180,18 @@ def build_trajectories(
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> Path:
-    """Build ``num_samples`` (noise, tokens, class) pairs with ``teacher`` into ``out_dir``; returns the path.
+    """Build ``num_samples`` (noise, tokens, condition) pairs with ``teacher`` into ``out_dir``; returns the path.
 
     Args:
         teacher: a model implementing the decoding protocol (:mod:`distilled_decoding.sampling`), frozen.
         codebook: (V, D) codebook vectors of the teacher's tokenizer (``vq.codebook`` for LlamaGen; VAR
             teachers carry one, used when this is None).
         class_labels: one label per sample (length ``num_samples``), or None for uniform random classes.
+        prompts: text-conditional teachers: a list of prompts or a prompt file (:func:`distilled_decoding.prompts.
+            load_prompts`: .txt one a line, a .csv / .tsv column named ``prompt``/``caption``/``text``, COCO .json);
+            each distinct prompt is encoded once by ``text_encoder`` (a :class:`~distilled_decoding.text.
+            T5TextEncoder` with ``max_length`` = the teacher's caption positions) into ``out_dir/prompt_embeddings``.
+        prompt_indices: the prompt of each sample (length ``num_samples``), or None: drawn uniformly from (seed, i).
         cfg_scale, cfg_interval, top_k, top_p, temperature: the teacher's sampling settings (its official
             semantics); the flow map turns the resulting distribution into a deterministic choice.
         shard_size: samples per shard file (the unit of work, resumption and distribution).
@@ -203,7 +222,8 @@ def build_trajectories(
     for name, v in (("store_noise", store_noise), ("progress", progress)):
         if not isinstance(v, bool):
             raise ValueError(f"{name}={v!r}: expected True or False")
-    labels_all = _check_labels(teacher, class_labels, num_samples)
+    table = condition_table(teacher.condition, prompts, text_encoder, out_dir)
+    labels_all = _check_ids(table, {"class_labels": class_labels, "prompt_indices": prompt_indices}, num_samples)
     device = torch.device(device) if device is not None else state.device
     teacher = teacher.to(device).eval()
     codebook = codebook.detach().to(device=device, dtype=torch.float32)
@@ -216,12 +236,12 @@ def build_trajectories(
         "num_samples": num_samples,
         "seed": seed,
         "seq_len": teacher.seq_len,
-        "num_classes": teacher.num_classes,
+        "condition": table.settings(),
         "codebook_dim": int(codebook.shape[1]),
         "shard_size": shard_size,
         "noise_dtype": "float16",
         "noise_storage": "stored" if store_noise else "regenerated",
-        "class_labels": "uniform"
+        "condition_ids": "uniform"
         if labels_all is None
         else "given:" + hashlib.sha256(tensor_bytes(labels_all)).hexdigest(),
         "sampling": {
@@ -240,8 +260,8 @@ def build_trajectories(
     # one job per folder; every process checks an existing manifest (so all raise together), the main one writes
     with job_lock(out_dir, state, what="trajectory build"):
         fresh = _manifest(settings, identity, settings_digest, plan, shards=None, noise_check=None)
-        current = _open_folder(out_dir, settings, identity, fresh, state)
-        built, elapsed = _build_shards(teacher, codebook, out_dir, plan, current, settings_digest, state,
+        current = _open_folder(out_dir, settings, identity, fresh, state, table)
+        built, elapsed = _build_shards(teacher, codebook, out_dir, plan, current, settings_digest, state, table,
                                        labels_all=labels_all, seed=seed, batch_size=batch_size, device=device,
                                        store_noise=store_noise, flow_kwargs=flow_kwargs, progress=progress,
                                        sampling=settings["sampling"])  # fmt: skip
@@ -258,7 +278,7 @@ def build_trajectories(
                     raise TrajectoryError(f"{path}: missing or invalid after all processes finished")
                 a, b = plan.range(k)
                 shards.append({"file": path.name, "start": a, "stop": b, "sha256": digest or sha256_file(path)})
-            drawn = None if labels_all is not None else teacher.num_classes
+            drawn = None if labels_all is not None else table.num_ids
             check = None if store_noise else _noise_check(seed, num_samples, teacher.seq_len, codebook.shape[1], drawn)
             _write_manifest(out_dir, _manifest(settings, identity, settings_digest, plan, shards, check))
             rate = built / elapsed if elapsed > 0 and built else 0.0
@@ -278,7 +298,7 @@ def _header_ok(path: Path, manifest: dict, k: int) -> bool:
     return True
 
 
-def _open_folder(out_dir: Path, settings: dict, identity: dict, fresh: dict, state: Any) -> dict[str, Any]:
+def _open_folder(out_dir: Path, settings: dict, identity: dict, fresh: dict, state: Any, table: Any) -> dict[str, Any]:
     """Validate an existing manifest against this run (refusing other settings, another teacher or an edited
     file), or write a fresh one; returns the manifest in force (the same in every process)."""
     manifest_path = out_dir / MANIFEST
@@ -299,14 +319,15 @@ def _open_folder(out_dir: Path, settings: dict, identity: dict, fresh: dict, sta
                         f".{MANIFEST}.*.tmp"):  # fmt: skip
             for tmp in out_dir.glob(pattern):  # temporary files of a killed run (only the names we write)
                 tmp.unlink()
+        table.prepare(out_dir)  # the prompt list and each distinct prompt's features, once
         if old is None:
             _write_manifest(out_dir, fresh)
     state.wait_for_everyone()
     return old if old is not None else fresh
 
 
-def _build_shards(teacher, codebook, out_dir, plan, current, digest, state, *, labels_all, seed, batch_size, device,
-                  store_noise, flow_kwargs, progress, sampling) -> tuple[int, float]:  # fmt: skip
+def _build_shards(teacher, codebook, out_dir, plan, current, digest, state, table, *, labels_all, seed, batch_size,
+                  device, store_noise, flow_kwargs, progress, sampling) -> tuple[int, float]:  # fmt: skip
     """Build this process's shards (round-robin) that are missing or whose bytes fail their check."""
     mine = [k for k in range(plan.num_shards) if k % state.num_processes == state.process_index]
     todo = [k for k in mine if not shard_bytes_ok(out_dir / shard_name(k), current, k)]
@@ -324,19 +345,19 @@ def _build_shards(teacher, codebook, out_dir, plan, current, digest, state, *, l
         noise, labels, tokens = [], [], []
         for s in range(a, b, batch_size):
             idx = list(range(s, min(s + batch_size, b)))
-            drawn = None if labels_all is not None else teacher.num_classes
+            drawn = None if labels_all is not None else table.num_ids
             eps, lab = sample_noise(seed, idx, teacher.seq_len, codebook.shape[1], drawn)
             if labels_all is not None:
                 lab = labels_all[idx[0] : idx[-1] + 1]
             chooser = FlowChooser(eps.to(device), codebook, **flow_kwargs)
-            tok = sample_tokens(teacher, lab.to(device), chooser=chooser, order="sequence", **sampling)
+            tok = sample_tokens(teacher, table.lookup(lab.to(device)), chooser=chooser, order="sequence", **sampling)
             noise.append(eps)
             labels.append(lab)
             tokens.append(tok.cpu())
             bar.update(len(idx))
         built += b - a
         _write_shard(out_dir, k, (a, b), torch.cat(noise) if store_noise else None, torch.cat(tokens),
-                     torch.cat(labels), digest, teacher.vocab_size, teacher.num_classes)  # fmt: skip
+                     torch.cat(labels), digest, teacher.vocab_size, table.num_ids)  # fmt: skip
     bar.close()
     return built, time.perf_counter() - t0
 
@@ -374,15 +395,25 @@ def _check_flow_kwargs(flow_kwargs: Mapping[str, Any] | None, codebook: Tensor) 
     return kwargs
 
 
-def _check_labels(teacher: Any, class_labels: Sequence[int] | Tensor | None, n: int) -> Tensor | None:
-    if class_labels is None:
+def _check_ids(table: Any, given: dict[str, Any], n: int) -> Tensor | None:
+    """The given condition ids (class labels or prompt indices, under the table's argument name), checked."""
+    for name, value in given.items():
+        if value is not None and name != table.ids_name:
+            raise ValueError(f"{name}: this teacher is {table.kind}-conditional; give {table.ids_name} (one per "
+                             "sample) instead")  # fmt: skip
+    ids, name = given.get(table.ids_name), table.ids_name
+    if ids is None:
         return None
-    labels = torch.as_tensor(class_labels)
+    what = "class ids" if isinstance(table, ClassTable) else "prompt indices"
+    labels = torch.as_tensor(ids)
     if labels.dtype == torch.bool or labels.dtype.is_floating_point or labels.is_complex():
-        raise ValueError(f"class_labels: expected integer class ids, got dtype {labels.dtype}")
+        raise ValueError(f"{name}: expected integer {what}, got dtype {labels.dtype}")
     if labels.ndim != 1 or labels.shape[0] != n:
-        raise ValueError(f"class_labels: expected {n} labels (one per sample), got shape {tuple(labels.shape)}")
-    return teacher.condition.check(labels, n).cpu()
+        raise ValueError(f"{name}: expected {n} labels (one per sample), got shape {tuple(labels.shape)}")
+    if int(labels.min()) < 0 or int(labels.max()) >= table.num_ids:
+        raise ValueError(f"{name}: {what} must lie in [0, {table.num_ids}); got min {int(labels.min())}, "
+                         f"max {int(labels.max())}")  # fmt: skip
+    return labels.long().cpu()
 
 
 def _noise_check(seed: int, n: int, seq_len: int, dim: int, num_classes: int | None) -> dict[str, Any]:
@@ -401,11 +432,11 @@ def _write_shard(
     labels: Tensor,
     digest: str,
     vocab: int,
-    classes: int,
+    num_ids: int,
 ) -> None:
     tensors = {
         "tokens": tokens.to(_int_dtype(vocab - 1)).contiguous(),
-        "class_label": labels.to(_int_dtype(classes)).contiguous(),
+        "condition_id": labels.to(_int_dtype(num_ids)).contiguous(),
         "index": torch.arange(rng[0], rng[1], dtype=torch.int64),
     }
     if noise is not None:
@@ -450,9 +481,10 @@ def _write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
 class TrajectoryDataset(torch.utils.data.Dataset):
     """Random access to a finished trajectory folder.
 
-    ``ds[i]`` → ``{"noise": (N, D) float32, "tokens": (N,) long, "class_label": () long}``. Shards are opened
-    lazily with ``safe_open`` (one handle per shard and process, so DataLoader workers each open their own)
-    and their sha256 is checked on first open.
+    ``ds[i]`` → ``{"noise": (N, D) float32, "tokens": (N,) long, "condition_id": () long}`` and the condition the
+    student takes (:attr:`table`): ``"class_label": () long``, or ``"caption_features": (L, C) float32`` and
+    ``"caption_mask": (L,) bool``. Shards are opened lazily with ``safe_open`` (one handle per shard and process,
+    so DataLoader workers each open their own) and their sha256 is checked on first open.
     """
 
     def __init__(self, out_dir: str | os.PathLike, verify: bool = True):
@@ -477,8 +509,14 @@ class TrajectoryDataset(torch.utils.data.Dataset):
         self._starts = [s["start"] for s in self.shards]
         self._verify = verify
         self._regenerate = self.settings.get("noise_storage") == "regenerated"
-        # uniform labels were drawn from each sample's generator before its noise
-        self._drawn_classes = int(self.settings["num_classes"]) if self.settings["class_labels"] == "uniform" else None
+        s = self.settings
+        self._id_key, num_ids, ids = shard_ids(s)
+        try:
+            self.table = load_condition_table(self.root, s["condition"]) if "condition" in s else ClassTable(num_ids)
+        except (OSError, ValueError, KeyError) as e:
+            raise TrajectoryError(f"{self.root}: the condition table cannot be read ({e})") from None
+        # uniform ids were drawn from each sample's generator before its noise
+        self._drawn_classes = num_ids if ids == "uniform" else None
         if self._regenerate:
             check = self.manifest.get("noise_check") or {}
             seed, n, d = int(self.settings["seed"]), self.seq_len, self.codebook_dim
@@ -543,11 +581,9 @@ class TrajectoryDataset(torch.utils.data.Dataset):
             noise = sample_noise(seed, [g], self.seq_len, self.codebook_dim, self._drawn_classes)[0][0].float()
         else:
             noise = f.get_slice("noise")[j].float()
-        return {
-            "noise": noise,
-            "tokens": f.get_slice("tokens")[j].long(),
-            "class_label": f.get_slice("class_label")[j].long().reshape(()),
-        }
+        cid = f.get_slice(self._id_key)[j].long().reshape(())
+        return {"noise": noise, "tokens": f.get_slice("tokens")[j].long(), "condition_id": cid,
+                **self.table.item(int(cid))}  # fmt: skip
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_handles": {}}

@@ -8,6 +8,9 @@ A killed run restarts where it stopped. Defaults: the family's embedded digits t
     accelerate launch recipes/build_trajectories.py --model c2i_B_256.pt --preset GPT-B --tokenizer vq_ds16_c2i.pt \\
         --out /data/dd/llamagen-b --num-samples 1200000 --batch-size 256 --cfg-scale 2.0 --top-k 8000
     python recipes/build_trajectories.py --kind var --out runs/digits_var/trajectories --cfg-scale 1.0
+    python recipes/build_trajectories.py --model checkpoints/digits_t2i/gpt --tokenizer checkpoints/digits_llamagen/vq \
+        --text-encoder checkpoints/digits_t2i/text_encoder --prompts checkpoints/digits_t2i/prompts_train.csv \
+        --out runs/digits_t2i/trajectories                    # a text-to-image teacher: prompts + its T5 encoder
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from pathlib import Path
 
 from distilled_decoding import build_trajectories
 from distilled_decoding.configs import ConfigError, command_line_errors
-from distilled_decoding.recipe import TeacherConfig
+from distilled_decoding.prompts import load_prompts
+from distilled_decoding.recipe import TeacherConfig, repo_path
 from distilled_decoding.sampling import validate_sampling_args
 from distilled_decoding.teachers import families
 
@@ -54,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="teacher weights dtype")
     p.add_argument("--no-store-noise", action="store_true", help="regenerate noise from (seed, i) when read")
+    p.add_argument("--text-encoder", default=None, help="T5 folder or Hub id (text-to-image teachers)")
+    p.add_argument("--prompts", default=None, help="prompt file: .txt (one a line), .csv / .tsv, .json")
+    p.add_argument("--prompt-column", default=None, help="CSV/TSV column of the prompts")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -72,8 +79,10 @@ def _build(args: argparse.Namespace) -> Path:
     except ValueError as e:
         name, rest = str(e).split("=", 1)
         raise ConfigError(f"--{name.replace('_', '-')}={rest}") from None
-    teacher, tokenizer = TeacherConfig(kind=args.kind, model=args.model, tokenizer=args.tokenizer, preset=args.preset,
-                                       block_size=args.block_size, dtype=args.dtype).load()  # fmt: skip
+    tc = TeacherConfig(kind=args.kind, model=args.model, tokenizer=args.tokenizer, preset=args.preset,
+                       block_size=args.block_size, dtype=args.dtype, text_encoder=args.text_encoder)  # fmt: skip
+    teacher, tokenizer = tc.load()
+    prompts = None if args.prompts is None else load_prompts(repo_path(args.prompts), args.prompt_column)
     return build_trajectories(
         teacher,
         args.out,
@@ -88,6 +97,8 @@ def _build(args: argparse.Namespace) -> Path:
         codebook=tokenizer.codebook,
         shard_size=args.shard_size,
         store_noise=not args.no_store_noise,
+        prompts=prompts,
+        text_encoder=tc.load_text_encoder(teacher),
         progress=not args.no_progress,
     )
 

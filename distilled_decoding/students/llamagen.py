@@ -10,6 +10,12 @@
 * causal attention over ``[class, x_1..x_N]`` (the teacher decodes one token a step, so "earlier steps and itself"
   is causal); outputs are *not* shifted: position i reads its own noise and everything before it.
 
+Text-conditional teachers (``model_type="t2i"``): the student copies the teacher's caption projection
+(:class:`~distilled_decoding.students.layers.CaptionTable`, official keys) and reads ``[caption positions P,
+x_1..x_N]`` under the teacher's caption attention mask (padded caption positions hidden); the continuous head is
+modulated by the mean of the projected caption over its real tokens. Everything that differs is behind the condition
+table's interface (``spec``, ``key_mask``, ``pool``, ``copy_from``): the forward pass does not branch on the type.
+
 Schedule, prediction and sampling: :class:`~distilled_decoding.students.base.FewStepStudent` (timesteps and split
 count tokens).
 """
@@ -27,14 +33,15 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
 from distilled_decoding.checkpoints import load_state_dict_file, load_strict
-from distilled_decoding.conditions import ClassCondition
+from distilled_decoding.conditions import ConditionSpec
 from distilled_decoding.configs import ValidatedConfig
 from distilled_decoding.model_config import config_init
 from distilled_decoding.students.base import FewStepStudent, resolve_schedule, validate_schedule
-from distilled_decoding.students.layers import FinalLayer, LabelTable
+from distilled_decoding.students.layers import STUDENT_CONDITION_TABLES, FinalLayer
 from distilled_decoding.teachers.base import get_family
 from distilled_decoding.teachers.llamagen_config import LLAMAGEN_PRESETS, LlamaGenConfig
 from distilled_decoding.teachers.llamagen_layers import RMSNorm, TransformerBlock, precompute_freqs_cis_2d
+from distilled_decoding.teachers.llamagen_t2i import caption_attention_mask
 
 __all__ = ["DDStudent", "DDStudentConfig"]
 
@@ -43,7 +50,9 @@ __all__ = ["DDStudent", "DDStudentConfig"]
 class DDStudentConfig(ValidatedConfig):
     """The teacher's backbone fields (official ModelArgs names), ``codebook_dim`` D, ``split`` (positions < split
     are read from the logits head, the rest from the continuous head) and ``timesteps`` (the training / sampling
-    schedule in tokens, e.g. (0, 80): 1-step sampling uses t=0, 2-step uses both)."""
+    schedule in tokens, e.g. (0, 80): 1-step sampling uses t=0, 2-step uses both). ``model_type`` / ``caption_dim`` /
+    ``cls_token_num``: the teacher's condition (``"t2i"``: caption features of width caption_dim in cls_token_num
+    positions)."""
 
     dim: int = 768
     n_layer: int = 12
@@ -59,6 +68,9 @@ class DDStudentConfig(ValidatedConfig):
     codebook_dim: int = 8
     split: int = 80
     timesteps: Sequence[int] = (0, 80)
+    model_type: str = "c2i"
+    caption_dim: int = 2048
+    cls_token_num: int = 1
 
     def validate(self) -> None:
         if isinstance(self.codebook_dim, bool) or not isinstance(self.codebook_dim, int) or self.codebook_dim < 1:
@@ -76,12 +88,14 @@ class DDStudentConfig(ValidatedConfig):
             multiple_of=self.multiple_of, ffn_dim_multiplier=self.ffn_dim_multiplier, rope_base=self.rope_base,
             norm_eps=self.norm_eps, num_classes=self.num_classes, vocab_size=self.vocab_size,
             block_size=self.block_size, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0,
-            class_dropout_prob=0.0,
+            class_dropout_prob=0.0, model_type=self.model_type, caption_dim=self.caption_dim,
+            cls_token_num=self.cls_token_num,
         )  # fmt: skip
 
 
 class DDStudent(FewStepStudent, ModelMixin, ConfigMixin):
-    """LlamaGen DD student. ``student(x, class_labels, t)`` → (logits (B, N, V) fp32, vectors (B, N, D) fp32).
+    """LlamaGen DD student. ``student(x, condition, t)`` → (logits (B, N, V) fp32, vectors (B, N, D) fp32); the
+    condition is class labels (B,) long, or a TextCondition for a text-conditional teacher's student.
 
     Config: :class:`DDStudentConfig`. The (V, D) codebook is a buffer of the student, so a saved student is
     self-contained.
@@ -98,7 +112,7 @@ class DDStudent(FewStepStudent, ModelMixin, ConfigMixin):
         """Build the network for ``cfg`` (a subclass with its own config calls this from its constructor)."""
         a = self.args = cfg.backbone()
         self.starts = cfg.step_starts()
-        self.cls_embedding = LabelTable(a.num_classes, a.dim)
+        self.cls_embedding = STUDENT_CONDITION_TABLES[a.model_type](a)
         self.tok_embeddings = nn.Linear(cfg.codebook_dim, a.dim)
         self.layers = nn.ModuleList(TransformerBlock(a, 0.0) for _ in range(a.n_layer))
         self.norm = RMSNorm(a.dim, eps=a.norm_eps)
@@ -126,7 +140,8 @@ class DDStudent(FewStepStudent, ModelMixin, ConfigMixin):
         *,
         continuous_head: bool = True,
     ) -> DDStudent:
-        """A student initialised from the LlamaGen ``teacher`` (class table, all layers, norm, logits head copied)
+        """A student initialised from the LlamaGen ``teacher`` (class table or caption projection, all layers, norm,
+        logits head copied)
         for the tokenizer ``codebook`` (V, D). Schedule defaults: :func:`~distilled_decoding.students.base.
         resolve_schedule` (timesteps (0, 80) of 256 tokens, the released schedule; split = the last timestep, or N
         with ``continuous_head=False``).
@@ -152,12 +167,12 @@ class DDStudent(FewStepStudent, ModelMixin, ConfigMixin):
             dim=a.dim, n_layer=a.n_layer, n_head=a.n_head, n_kv_head=a.n_kv_head, multiple_of=a.multiple_of,
             ffn_dim_multiplier=a.ffn_dim_multiplier, rope_base=a.rope_base, norm_eps=a.norm_eps,
             num_classes=a.num_classes, vocab_size=a.vocab_size, block_size=n, codebook_dim=int(codebook.shape[1]),
-            split=split, timesteps=timesteps, **cls.teacher_fields(teacher),
+            split=split, timesteps=timesteps, model_type=a.model_type, caption_dim=a.caption_dim,
+            cls_token_num=a.cls_token_num, **cls.teacher_fields(teacher),
         )  # fmt: skip
         student.to(device=teacher.output.weight.device)
         with torch.no_grad():
-            table = teacher.cls_embedding.embedding_table.weight
-            student.cls_embedding.embedding_table.weight[: table.shape[0]].copy_(table)
+            student.cls_embedding.copy_from(teacher.cls_embedding)
             student.layers.load_state_dict(teacher.layers.state_dict())
             student.norm.load_state_dict(teacher.norm.state_dict())
             student.output.load_state_dict(teacher.output.state_dict())
@@ -211,7 +226,7 @@ class DDStudent(FewStepStudent, ModelMixin, ConfigMixin):
         device = self.output.weight.device
         if self._freqs is None or self._freqs.device != device:
             a = self.args
-            self._freqs = precompute_freqs_cis_2d(a.grid_size, a.head_dim, a.rope_base, 1).to(device)
+            self._freqs = precompute_freqs_cis_2d(a.grid_size, a.head_dim, a.rope_base, a.cls_token_num).to(device)
         return self._freqs
 
     @property
@@ -220,26 +235,33 @@ class DDStudent(FewStepStudent, ModelMixin, ConfigMixin):
         return None
 
     @property
-    def condition(self) -> ClassCondition:
-        return ClassCondition(self.args.num_classes)
+    def condition(self) -> ConditionSpec:
+        """Class ids (c2i) or caption features (t2i), as the teacher's."""
+        return self.cls_embedding.spec
 
     @property
     def token_grid(self) -> tuple[int, int]:
         return (self.args.grid_size, self.args.grid_size)
 
     # -- forward ------------------------------------------------------------------------------------------------
-    def forward(self, x: Tensor, class_labels: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B, N, D) noise/data vectors, class_labels (B,) long, t (B,) long (completed decoding steps: the first
-        ``data_positions(t)`` positions hold data) → logits (B, N, V) float32 and continuous vectors (B, N, D)
-        float32 (raw heads, no mixing)."""
+    def forward(self, x: Tensor, condition: Any, t: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, N, D) noise/data vectors, condition (class labels (B,) long or a TextCondition), t (B,) long
+        (completed decoding steps: the first ``data_positions(t)`` positions hold data) → logits (B, N, V) float32
+        and continuous vectors (B, N, D) float32 (raw heads, no mixing). Input: [P condition positions, x]; the
+        condition positions and the data positions are flagged as data."""
         b, n, _ = x.shape
-        cond = self.cls_embedding(class_labels)
-        flags = (torch.arange(n + 1, device=x.device)[None, :] <= self.data_positions(t)[:, None]).long()
+        table = self.cls_embedding
+        cond = table(condition)  # (B, P, dim)
+        p = cond.shape[1]
+        key_mask = table.key_mask(condition)
+        flags = (torch.arange(n + p, device=x.device)[None, :] < p + self.data_positions(t)[:, None]).long()
         h = torch.cat([cond, self.tok_embeddings(x.to(self.tok_embeddings.weight.dtype))], dim=1)
         h = h + self.n_d_embed(flags)
-        freqs, mask = self.freqs_cis[: n + 1], self.attention_mask
+        freqs = self.freqs_cis[: n + p]
+        # captions: causal with the padding keys masked; classes: the student's mask (None: causal)
+        mask = self.attention_mask if key_mask is None else caption_attention_mask(key_mask, 0, n + p)
         for layer in self.layers:
             h = layer(h, freqs, mask=mask)
-        logits = self.output(self.norm(h[:, 1:])).float()
-        vectors = self.final_layer_conti(h, cond)[:, 1:].float()
+        logits = self.output(self.norm(h[:, p:])).float()
+        vectors = self.final_layer_conti(h, table.pool(cond, key_mask))[:, p:].float()
         return logits, vectors
