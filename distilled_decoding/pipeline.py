@@ -141,7 +141,7 @@ class DistilledDecodingPipeline(DiffusionPipeline):
         elif isinstance(value, (list, tuple)) and all(type(v) is int for v in value):
             value = torch.tensor(value, dtype=torch.long)
         if isinstance(value, str):
-            raise TypeError(f"{name}: got a string; prompts go in prompt=")
+            raise TypeError(f"{name}: got the string {value!r}; prompts go in prompt=")
         value = spec.check(value, batch, name=name)
         return spec.to(value, self.student.codebook.device)
 
@@ -202,6 +202,7 @@ class DistilledDecodingPipeline(DiffusionPipeline):
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
         _check_noise(noise, self.noise_shape)
+        self.student.check_noise(noise)
         condition = self.prepare_condition(class_labels, prompt, prompt_embeds, batch=noise.shape[0],
                                            generator=generator)  # fmt: skip
         return self.generate_from_condition(noise, condition, steps, teacher=teacher, teacher_tokens=teacher_tokens,

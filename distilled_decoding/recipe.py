@@ -148,7 +148,7 @@ class TrajectoryConfig(ValidatedConfig):
     temperature: float = 1.0
     store_noise: bool = True  # False: regenerate noise from (seed, i) when read (VAR: 32x smaller folders)
     # text-to-image teachers: the prompts distilled (a list, or a .txt / .csv / .tsv / .json file and its column)
-    prompts: Any = None
+    prompts: str | tuple[str, ...] | None = None
     prompt_column: str | None = None
     prompt_delimiter: str | None = None
 

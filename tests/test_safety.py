@@ -307,7 +307,7 @@ def _wrong_type(m):
 
 
 def _format(m):
-    m["settings"]["format_version"] = 2
+    m["settings"]["format_version"] = 3
 
 
 def _fewer(m):
@@ -344,7 +344,7 @@ EDITS = {
     ),
     "missing key": (_drop_key, r"manifest\.json: missing key\(s\) \['settings\.seed'\]"),
     "wrong type": (_wrong_type, r"manifest\.json: settings\.num_samples='24': expected a JSON int"),
-    "format_version": (_format, r"manifest\.json: settings\.format_version: 2 is not supported"),
+    "format_version": (_format, r"manifest\.json: settings\.format_version: 3 is not supported"),
     "num_samples": (_fewer, r"manifest\.json: num_shards: 3, but num_samples=16"),
     "codebook_dim": (_codebook, r"tensor 'noise' has shape \(8, 16, 8\), but manifest\.json .*codebook_dim=4"),
     "teacher": (_teacher, r"manifest\.json: settings_digest: .* is not the digest of the recorded settings"),

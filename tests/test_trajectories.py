@@ -195,3 +195,42 @@ def test_regenerated_noise_storage(teacher, tmp_path):
     (regen / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(TrajectoryError, match="this torch's generator gives other noise"):
         TrajectoryDataset(regen)
+
+
+def _as_format_1(folder: Path) -> None:
+    """Rewrite a class-conditional folder the way version 1 stored it: ``class_label`` shards, ``num_classes`` and
+    ``class_labels`` settings, digests and checksums recomputed."""
+    from safetensors.torch import load_file, save_file
+
+    from distilled_decoding.manifest import META_KEY, json_digest, payload_digest, sha256_file
+
+    path = folder / "manifest.json"
+    m = json.loads(path.read_text())
+    s = m["settings"]
+    s["format_version"] = 1
+    s["num_classes"] = s.pop("condition")["num_classes"]
+    s["class_labels"] = s.pop("condition_ids")
+    m["settings_digest"] = json_digest({"settings": s, "teacher": m["teacher"]})
+    for entry in m["shards"]:
+        tensors = load_file(str(folder / entry["file"]))
+        tensors["class_label"] = tensors.pop("condition_id")
+        meta = {"start": entry["start"], "stop": entry["stop"], "settings_digest": m["settings_digest"],
+                "format_version": 1, "payload_sha256": payload_digest(tensors)}  # fmt: skip
+        save_file(tensors, str(folder / entry["file"]), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+        entry["sha256"] = sha256_file(folder / entry["file"])
+    path.write_text(json.dumps(m, indent=2, sort_keys=True))
+
+
+def test_format_1_folders_are_still_read(teacher, tmp_path):
+    """Folders written before condition tables (format 1: class labels only) read as the same samples."""
+    new = _build(teacher, tmp_path / "v2", n=10, shard=4)
+    before = [TrajectoryDataset(new)[i] for i in range(10)]
+    _as_format_1(new)
+    ds = TrajectoryDataset(new)
+    assert ds.settings["format_version"] == 1
+    for i in range(10):
+        item = ds[i]
+        for key in ("noise", "tokens", "condition_id", "class_label"):
+            assert torch.equal(item[key], before[i][key]), (i, key)
+    with pytest.raises(TrajectoryError, match="refusing to resume"):  # a v2 build does not mix into it
+        _build(teacher, new, n=10, shard=4)

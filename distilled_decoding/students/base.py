@@ -144,6 +144,11 @@ class FewStepStudent:
     def check_inputs(self, noise: Any, condition: Any) -> Any:
         """ValueErrors naming the argument unless noise is a finite float (B, N, D) tensor and ``condition`` fits
         B rows; returns the condition in canonical form."""
+        self.check_noise(noise)
+        return self.condition.check(condition, noise.shape[0])
+
+    def check_noise(self, noise: Any) -> None:
+        """ValueError naming ``noise`` unless it is a finite float (B, N, D) tensor with B >= 1."""
         n, d = self.seq_len, int(self.config.codebook_dim)
         if not isinstance(noise, Tensor) or noise.ndim != 3 or tuple(noise.shape[1:]) != (n, d):
             got = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
@@ -154,7 +159,6 @@ class FewStepStudent:
             raise ValueError("noise: expected at least one row (B >= 1), got an empty batch")
         if not bool(torch.isfinite(noise).all()):
             raise ValueError("noise: contains NaN or inf; expected finite standard normal values")
-        return self.condition.check(condition, noise.shape[0])
 
     # -- sampling -----------------------------------------------------------------------------------------------
     @torch.no_grad()

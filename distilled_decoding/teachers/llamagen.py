@@ -268,6 +268,30 @@ class LlamaGen(ModelMixin, ConfigMixin):
         return self.output(self.norm(h)).float()
 
 
+def load_with_vq(
+    cls: type, model: str | os.PathLike, tokenizer: str | os.PathLike | None, **official: Any
+) -> tuple[Any, Any]:
+    """``(model, vq)`` in eval mode for a GPT family that decodes with LlamaGen's VQ tokenizer (LlamaGen, PAR): a
+    folder is read with ``cls.from_pretrained``, a file or Hub reference with ``cls.from_official(model,
+    **official)``; the tokenizer likewise (a folder, or ``vq_ds16_c2i.pt``). ValueError naming ``tokenizer`` when
+    it is missing or its codebook size is not the model's vocab_size."""
+    from distilled_decoding.hub import check_source
+    from distilled_decoding.tokenizers.vq import VQTokenizer
+
+    if tokenizer is None:
+        raise ValueError(f"tokenizer: a {cls.__name__} teacher needs its VQ tokenizer (folder or vq_ds16_c2i.pt)")
+    for name, p in (("model", model), ("tokenizer", tokenizer)):
+        check_source(name, p, "a save_pretrained folder, an official file or a Hub reference")
+    gpt = cls.from_pretrained(model) if Path(model).is_dir() else cls.from_official(model, **official)
+    vq = VQTokenizer.from_pretrained(tokenizer) if Path(tokenizer).is_dir() else VQTokenizer.from_official(tokenizer)
+    if vq.codebook_size != gpt.vocab_size:
+        raise ValueError(
+            f"tokenizer: codebook of {vq.codebook_size} entries does not match the {cls.__name__}'s vocab_size "
+            f"{gpt.vocab_size}"
+        )
+    return gpt.eval(), vq.eval()
+
+
 def load_llamagen(
     model: str | os.PathLike,
     tokenizer: str | os.PathLike | None,
@@ -280,21 +304,4 @@ def load_llamagen(
     ``save_pretrained`` wrote, e.g. the embedded default ``checkpoints/digits_llamagen/{gpt,vq}``), a file as an
     official checkpoint (``c2i_B_256.pt``, ``vq_ds16_c2i.pt``, or a Hub reference such as
     ``FoundationVision/LlamaGen/c2i_B_256.pt``) with ``from_official`` (``config``: ModelArgs fields for it)."""
-    from distilled_decoding.hub import check_source
-    from distilled_decoding.tokenizers.vq import VQTokenizer
-
-    if tokenizer is None:
-        raise ValueError("tokenizer: a LlamaGen teacher needs its VQ tokenizer (folder or vq_ds16_c2i.pt)")
-    for name, p in (("model", model), ("tokenizer", tokenizer)):
-        check_source(name, p, "a save_pretrained folder, an official file or a Hub reference")
-    gpt = (
-        LlamaGen.from_pretrained(model)
-        if Path(model).is_dir()
-        else LlamaGen.from_official(model, preset=preset, block_size=block_size, **config)
-    )
-    vq = VQTokenizer.from_pretrained(tokenizer) if Path(tokenizer).is_dir() else VQTokenizer.from_official(tokenizer)
-    if vq.codebook_size != gpt.vocab_size:
-        raise ValueError(
-            f"tokenizer: codebook of {vq.codebook_size} entries does not match the GPT's vocab_size {gpt.vocab_size}"
-        )
-    return gpt.eval(), vq.eval()
+    return load_with_vq(LlamaGen, model, tokenizer, preset=preset, block_size=block_size, **config)

@@ -426,21 +426,6 @@ def load_par(
     """``(par, vq)`` in eval mode for the ``par`` family: a folder is read with ``from_pretrained``, a file as an
     official checkpoint (``PAR-XXL-4x.pt``) with ``from_official``; the tokenizer is LlamaGen's VQ (a folder or
     ``vq_ds16_c2i.pt``)."""
-    from distilled_decoding.hub import check_source
-    from distilled_decoding.tokenizers.vq import VQTokenizer
+    from distilled_decoding.teachers.llamagen import load_with_vq
 
-    if tokenizer is None:
-        raise ValueError("tokenizer: a PAR teacher needs its VQ tokenizer (folder or vq_ds16_c2i.pt)")
-    for name, p in (("model", model), ("tokenizer", tokenizer)):
-        check_source(name, p, "a save_pretrained folder, an official file or a Hub reference")
-    par = (
-        PAR.from_pretrained(model)
-        if Path(model).is_dir()
-        else PAR.from_official(model, preset=preset, block_size=block_size, **config)
-    )
-    vq = VQTokenizer.from_pretrained(tokenizer) if Path(tokenizer).is_dir() else VQTokenizer.from_official(tokenizer)
-    if vq.codebook_size != par.vocab_size:
-        raise ValueError(
-            f"tokenizer: codebook of {vq.codebook_size} entries does not match the PAR's vocab_size {par.vocab_size}"
-        )
-    return par.eval(), vq.eval()
+    return load_with_vq(PAR, model, tokenizer, preset=preset, block_size=block_size, **config)
