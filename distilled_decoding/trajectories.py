@@ -39,10 +39,8 @@ Guarantees:
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
-import operator
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -50,14 +48,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from distilled_decoding.condition_tables import ClassTable, condition_table, load_condition_table
+from distilled_decoding.condition_tables import ClassTable, condition_table
 from distilled_decoding.fileio import atomic_path, atomic_write_text, job_lock, make_dirs
 from distilled_decoding.manifest import (
     FORMAT,
@@ -67,17 +63,17 @@ from distilled_decoding.manifest import (
     TrajectoryError,
     check_digest,
     check_shard_header,
-    check_shard_values,
     json_digest,
     payload_digest,
     read_manifest,
     sha256_file,
     shard_bytes_ok,
-    shard_ids,
     shard_name,
 )
 from distilled_decoding.provenance import teacher_fingerprint, tensor_bytes
 from distilled_decoding.sampling import FlowChooser, sample_tokens, validate_sampling_args
+from distilled_decoding.trajectory_dataset import TrajectoryDataset
+from distilled_decoding.trajectory_noise import noise_check, sample_noise
 
 __all__ = [
     "build_trajectories",
@@ -87,37 +83,6 @@ __all__ = [
     "MANIFEST",
     "FORMAT_VERSION",
 ]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# per-sample randomness
-# ----------------------------------------------------------------------------------------------------------
-def _sample_seed(seed: int, index: int) -> int:
-    """A 64-bit seed for sample ``index`` of dataset ``seed`` (NumPy SeedSequence mixing: well spread,
-    stable across NumPy versions)."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0])
-
-
-def sample_noise(
-    seed: int,
-    indices: Sequence[int],
-    seq_len: int,
-    dim: int,
-    num_classes: int | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Noise (n, N, D) float16 and, when ``num_classes`` is given, uniform condition ids (n,) long in
-    [0, num_classes) (class labels, or prompt indices) for the samples ``indices``. Each sample draws from its own
-    CPU generator seeded by (seed, index): first the id, then the noise, so sample i is the same in any batch,
-    process or run."""
-    noise = torch.empty(len(indices), seq_len, dim, dtype=torch.float16)
-    labels = torch.empty(len(indices), dtype=torch.long) if num_classes is not None else None
-    g = torch.Generator(device="cpu")
-    for row, i in enumerate(indices):
-        g.manual_seed(_sample_seed(seed, int(i)))
-        if labels is not None:
-            labels[row] = torch.randint(num_classes, (1,), generator=g)[0]
-        noise[row] = torch.randn(seq_len, dim, generator=g).to(torch.float16)
-    return noise, labels
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -279,7 +244,7 @@ def build_trajectories(
                 a, b = plan.range(k)
                 shards.append({"file": path.name, "start": a, "stop": b, "sha256": digest or sha256_file(path)})
             drawn = None if labels_all is not None else table.num_ids
-            check = None if store_noise else _noise_check(seed, num_samples, teacher.seq_len, codebook.shape[1], drawn)
+            check = None if store_noise else noise_check(seed, num_samples, teacher.seq_len, codebook.shape[1], drawn)
             _write_manifest(out_dir, _manifest(settings, identity, settings_digest, plan, shards, check))
             rate = built / elapsed if elapsed > 0 and built else 0.0
             print(
@@ -416,13 +381,6 @@ def _check_ids(table: Any, given: dict[str, Any], n: int) -> Tensor | None:
     return labels.long().cpu()
 
 
-def _noise_check(seed: int, n: int, seq_len: int, dim: int, num_classes: int | None) -> dict[str, Any]:
-    """sha256 of the regenerated fp16 noise of three samples (first, middle, last)."""
-    idx = sorted({0, n // 2, n - 1})
-    noise, _ = sample_noise(seed, idx, seq_len, dim, num_classes)
-    return {"indices": idx, "sha256": hashlib.sha256(tensor_bytes(noise)).hexdigest()}
-
-
 def _write_shard(
     out_dir: Path,
     k: int,
@@ -473,117 +431,3 @@ def _manifest(
 
 def _write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
     atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the reader
-# ----------------------------------------------------------------------------------------------------------
-class TrajectoryDataset(torch.utils.data.Dataset):
-    """Random access to a finished trajectory folder.
-
-    ``ds[i]`` → ``{"noise": (N, D) float32, "tokens": (N,) long, "condition_id": () long}`` and the condition the
-    student takes (:attr:`table`): ``"class_label": () long``, or ``"caption_features": (L, C) float32`` and
-    ``"caption_mask": (L,) bool``. Shards are opened lazily with ``safe_open`` (one handle per shard and process,
-    so DataLoader workers each open their own) and their sha256 is checked on first open.
-    """
-
-    def __init__(self, out_dir: str | os.PathLike, verify: bool = True):
-        if not isinstance(out_dir, (str, os.PathLike)):
-            raise TypeError(f"out_dir: expected a folder path, got {type(out_dir).__name__}")
-        self.root = Path(out_dir)
-        if not self.root.is_dir():
-            raise TrajectoryError(f"out_dir: {self.root} is not a folder (expected a trajectory folder)")
-        path = self.root / MANIFEST
-        self.manifest = read_manifest(path)  # schema, values, the shard plan
-        if not self.manifest["complete"]:
-            raise TrajectoryError(
-                f"{self.root}: the build is incomplete (manifest says complete=false); run build_trajectories "
-                "again with the same settings to finish it"
-            )
-        for k, entry in enumerate(self.manifest["shards"]):  # headers against the manifest: names the key
-            check_shard_header(self.root / entry["file"], self.manifest, k)
-        check_digest(self.manifest, str(path))
-        self.shards = self.manifest["shards"]
-        self.settings = self.manifest["settings"]
-        self.teacher = self.manifest["teacher"]
-        self._starts = [s["start"] for s in self.shards]
-        self._verify = verify
-        self._regenerate = self.settings.get("noise_storage") == "regenerated"
-        s = self.settings
-        self._id_key, num_ids, ids = shard_ids(s)
-        try:
-            self.table = load_condition_table(self.root, s["condition"]) if "condition" in s else ClassTable(num_ids)
-        except (OSError, ValueError, KeyError) as e:
-            raise TrajectoryError(f"{self.root}: the condition table cannot be read ({e})") from None
-        # uniform ids were drawn from each sample's generator before its noise
-        self._drawn_classes = num_ids if ids == "uniform" else None
-        if self._regenerate:
-            check = self.manifest.get("noise_check") or {}
-            seed, n, d = int(self.settings["seed"]), self.seq_len, self.codebook_dim
-            now = _noise_check(seed, len(self), n, d, self._drawn_classes) if check else None
-            if now != check:
-                raise TrajectoryError(
-                    f"{path}: noise is regenerated from (seed, index), but this torch's generator gives other noise "
-                    f"than at build time (sha256 {str((now or {}).get('sha256'))[:12]} vs "
-                    f"{str(check.get('sha256'))[:12]}); rebuild with store_noise=True or use the torch of the build"
-                )
-        self._handles: dict[int, Any] = {}
-        self._pid = os.getpid()
-
-    def __len__(self) -> int:
-        return self.shards[-1]["stop"] if self.shards else 0
-
-    @property
-    def seq_len(self) -> int:
-        return int(self.settings["seq_len"])
-
-    @property
-    def codebook_dim(self) -> int:
-        return int(self.settings["codebook_dim"])
-
-    def _open(self, k: int) -> Any:
-        if os.getpid() != self._pid:  # forked DataLoader worker: open our own handles
-            self._handles, self._pid = {}, os.getpid()
-        if k not in self._handles:
-            info = self.shards[k]
-            path = self.root / info["file"]
-            if not path.is_file():
-                raise TrajectoryError(f"{path}: shard missing")
-            if self._verify and sha256_file(path) != info["sha256"]:
-                raise TrajectoryError(f"{path}: checksum mismatch (the shard is corrupt or truncated)")
-            check_shard_header(path, self.manifest, k)
-            try:
-                handle = safe_open(str(path), "pt")
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-            except Exception as e:  # noqa: BLE001 - re-raised with the file named
-                raise TrajectoryError(f"{path}: unreadable shard ({e})") from e
-            check_shard_values(path, self.manifest, k, tensors)
-            self._handles[k] = handle
-        return self._handles[k]
-
-    def _locate(self, i: int) -> tuple[int, int]:
-        try:
-            i = operator.index(i)
-        except TypeError:
-            raise TypeError(f"index: expected an int, got {type(i).__name__}") from None
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {i} out of range for {len(self)} samples")
-        i %= len(self)
-        k = bisect.bisect_right(self._starts, i) - 1
-        return k, i - self._starts[k]
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        k, j = self._locate(i)
-        f = self._open(k)
-        if self._regenerate:
-            g = self._starts[k] + j
-            seed = int(self.settings["seed"])
-            noise = sample_noise(seed, [g], self.seq_len, self.codebook_dim, self._drawn_classes)[0][0].float()
-        else:
-            noise = f.get_slice("noise")[j].float()
-        cid = f.get_slice(self._id_key)[j].long().reshape(())
-        return {"noise": noise, "tokens": f.get_slice("tokens")[j].long(), "condition_id": cid,
-                **self.table.item(int(cid))}  # fmt: skip
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_handles": {}}
