@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from distilled_decoding import VAR, DistilledDecodingPipeline, LlamaGen, MultiScaleVQVAE, VQTokenizer
+from distilled_decoding import PAR, VAR, DistilledDecodingPipeline, LlamaGen, MultiScaleVQVAE, VQTokenizer
 from distilled_decoding.fid import IMAGENET256_FID_STATISTICS, FIDStatistics, load_fid_statistics
 from distilled_decoding.hub import HubReference, HubReferenceError, parse_reference, resolve_file
 from distilled_decoding.releases import RELEASES, Release, load_release
@@ -36,6 +36,8 @@ GPT_CFG = dict(dim=64, n_layer=2, n_head=4, multiple_of=32, vocab_size=64, num_c
 DD_CFG = dict(dim=64, n_layer=2, n_head=4, vocab_size=64, num_classes=10, block_size=16, multiple_of=256)
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
 LLAMAGEN, VAR_REPO, DD_REPO = "FoundationVision/LlamaGen", "FoundationVision/var", "microsoft/distilled_decoding"
+PAR_REPO = "Epiphqny/PAR"
+PAR_CFG = dict(dim=64, n_layer=2, n_head=4, multiple_of=32, vocab_size=64, num_classes=10, block_size=64)
 
 
 def _read(name: str) -> dict[str, torch.Tensor]:
@@ -86,7 +88,8 @@ def tree(root: Path) -> dict[str, tuple[int, int]]:
 def world(tmp_path_factory) -> dict:
     """The official files as local copies (``files``) and as a Hub cache (``cache``). Repo contents: LlamaGen
     ``c2i_B_256.pt`` (commit A = main; commit B = tag v2 holds other weights), ``vq_ds16_c2i.pt``; var ``var_d16.pth``,
-    ``vae_ch160v4096z32.pth``; distilled_decoding ``LlamaGen-DD/llamagen-B.pt``, ``VAR-DD/var-d16.pth``."""
+    ``vae_ch160v4096z32.pth``; distilled_decoding ``LlamaGen-DD/llamagen-B.pt``, ``VAR-DD/var-d16.pth``; PAR
+    ``PAR-XL-4x.pt``."""
     root = tmp_path_factory.mktemp("hub")
     gpt_sd = _sd("llamagen_reference.safetensors")
     gpt_v2 = {k: v * 1.5 if v.is_floating_point() else v for k, v in gpt_sd.items()}
@@ -96,6 +99,7 @@ def world(tmp_path_factory) -> dict:
         "var": (VAR_REPO, "var_d16.pth", _bytes(_sd("var_l2_reference.safetensors"))),
         "vae": (VAR_REPO, "vae_ch160v4096z32.pth", _bytes(_sd("msvq_reference.safetensors"))),
         "dd": (DD_REPO, "LlamaGen-DD/llamagen-B.pt", _bytes({"ema": _sd("dd_llamagen_reference.safetensors")})),
+        "par": (PAR_REPO, "PAR-XL-4x.pt", _bytes({"model": _sd("par_reference.safetensors"), "steps": 10})),
         "ddvar": (DD_REPO, "VAR-DD/var-d16.pth",
                   _bytes({"trainer": {"ema_parameters": _sd("ddvar_reference.safetensors"), "var_wo_ddp": {}}})),
     }  # fmt: skip
@@ -104,7 +108,7 @@ def world(tmp_path_factory) -> dict:
         files[key] = root / "files" / name
         files[key].parent.mkdir(parents=True, exist_ok=True)
         files[key].write_bytes(blob)
-    for repo in (LLAMAGEN, VAR_REPO, DD_REPO):
+    for repo in (LLAMAGEN, VAR_REPO, DD_REPO, PAR_REPO):
         put(cache, repo, COMMIT_A, {name: blob for r, name, blob in data.values() if r == repo})
     put(cache, LLAMAGEN, COMMIT_B, {"c2i_B_256.pt": _bytes({"model": gpt_v2})}, refs=("v2",))
     files["gpt_v2"] = root / "files" / "v2" / "c2i_B_256.pt"
@@ -189,6 +193,8 @@ def test_every_family_loads_by_hub_name_offline(offline):
     assert _equal_state(gpt, pairs[0][1]) and _equal_state(vq, pairs[1][1])
     var, var_vae = load_teacher("var", r["var"], r["vae"], patch_nums=PN)
     assert _equal_state(var, pairs[3][1]) and var_vae is var.vae
+    par, par_vq = load_teacher("par", r["par"], r["vq"], **PAR_CFG)
+    assert _equal_state(par, PAR.from_official(f["par"], **PAR_CFG)) and _equal_state(par_vq, pairs[1][1])
     with pytest.raises(ValueError, match=r"model: ckpt/c2i\.pt does not exist .*Hub reference"):
         load_teacher("llamagen", "ckpt/c2i.pt", r["vq"])
     assert tree(offline["root"]) == before and not any(Path.cwd().iterdir())  # nothing written anywhere
