@@ -22,6 +22,7 @@ count tokens).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,12 +35,11 @@ from torch import Tensor, nn
 
 from distilled_decoding.checkpoints import load_state_dict_file, load_strict
 from distilled_decoding.conditions import ConditionSpec
-from distilled_decoding.configs import ValidatedConfig
 from distilled_decoding.model_config import config_init
 from distilled_decoding.students.base import FewStepStudent, resolve_schedule, validate_schedule
 from distilled_decoding.students.layers import STUDENT_CONDITION_TABLES, FinalLayer
 from distilled_decoding.teachers.base import get_family
-from distilled_decoding.teachers.llamagen_config import LLAMAGEN_PRESETS, LlamaGenConfig
+from distilled_decoding.teachers.llamagen_config import LLAMAGEN_PRESETS, LlamaGenBackbone, LlamaGenConfig
 from distilled_decoding.teachers.llamagen_layers import RMSNorm, TransformerBlock, precompute_freqs_cis_2d
 from distilled_decoding.teachers.llamagen_t2i import caption_attention_mask
 
@@ -47,30 +47,16 @@ __all__ = ["DDStudent", "DDStudentConfig"]
 
 
 @dataclass
-class DDStudentConfig(ValidatedConfig):
-    """The teacher's backbone fields (official ModelArgs names), ``codebook_dim`` D, ``split`` (positions < split
-    are read from the logits head, the rest from the continuous head) and ``timesteps`` (the training / sampling
-    schedule in tokens, e.g. (0, 80): 1-step sampling uses t=0, 2-step uses both). ``model_type`` / ``caption_dim`` /
-    ``cls_token_num``: the teacher's condition (``"t2i"``: caption features of width caption_dim in cls_token_num
-    positions)."""
+class DDStudentConfig(LlamaGenBackbone):
+    """The teacher's backbone fields (:class:`~distilled_decoding.teachers.llamagen_config.LlamaGenBackbone`: official
+    ModelArgs names, including its condition: ``model_type`` / ``caption_dim`` / ``cls_token_num``), ``codebook_dim``
+    D, ``split`` (positions < split are read from the logits head, the rest from the continuous head) and
+    ``timesteps`` (the training / sampling schedule in decoding steps, e.g. (0, 80): 1-step sampling uses t=0, 2-step
+    uses both)."""
 
-    dim: int = 768
-    n_layer: int = 12
-    n_head: int = 12
-    n_kv_head: int | None = None
-    multiple_of: int = 256
-    ffn_dim_multiplier: float | None = None
-    rope_base: float = 10000
-    norm_eps: float = 1e-5
-    num_classes: int = 1000
-    vocab_size: int = 16384
-    block_size: int = 256
     codebook_dim: int = 8
     split: int = 80
     timesteps: Sequence[int] = (0, 80)
-    model_type: str = "c2i"
-    caption_dim: int = 2048
-    cls_token_num: int = 1
 
     def validate(self) -> None:
         if isinstance(self.codebook_dim, bool) or not isinstance(self.codebook_dim, int) or self.codebook_dim < 1:
@@ -83,14 +69,13 @@ class DDStudentConfig(ValidatedConfig):
 
     def backbone(self) -> LlamaGenConfig:
         """The (validated) LlamaGen configuration of the transformer, without dropout."""
-        return LlamaGenConfig(
-            dim=self.dim, n_layer=self.n_layer, n_head=self.n_head, n_kv_head=self.n_kv_head,
-            multiple_of=self.multiple_of, ffn_dim_multiplier=self.ffn_dim_multiplier, rope_base=self.rope_base,
-            norm_eps=self.norm_eps, num_classes=self.num_classes, vocab_size=self.vocab_size,
-            block_size=self.block_size, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0,
-            class_dropout_prob=0.0, model_type=self.model_type, caption_dim=self.caption_dim,
-            cls_token_num=self.cls_token_num,
-        )  # fmt: skip
+        return LlamaGenConfig(**backbone_fields(self), token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0,
+                              class_dropout_prob=0.0)  # fmt: skip
+
+
+def backbone_fields(cfg: Any) -> dict[str, Any]:
+    """The :class:`LlamaGenBackbone` fields of a teacher or student config."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(LlamaGenBackbone)}
 
 
 class DDStudent(FewStepStudent, ModelMixin, ConfigMixin):
@@ -160,16 +145,11 @@ class DDStudent(FewStepStudent, ModelMixin, ConfigMixin):
             raise ValueError(f"codebook: expected ({a.vocab_size}, D) for this teacher, got {tuple(codebook.shape)}")
         if init_input not in ("lstsq", "random"):
             raise ValueError(f"init_input={init_input!r}: expected 'lstsq' or 'random'")
-        n, num_steps = a.block_size, len(teacher.decode_groups())
+        num_steps = len(teacher.decode_groups())
         timesteps, split = resolve_schedule(get_family(cls.family), num_steps, None, timesteps, split,
                                             continuous_head=continuous_head)  # fmt: skip
-        student = cls(
-            dim=a.dim, n_layer=a.n_layer, n_head=a.n_head, n_kv_head=a.n_kv_head, multiple_of=a.multiple_of,
-            ffn_dim_multiplier=a.ffn_dim_multiplier, rope_base=a.rope_base, norm_eps=a.norm_eps,
-            num_classes=a.num_classes, vocab_size=a.vocab_size, block_size=n, codebook_dim=int(codebook.shape[1]),
-            split=split, timesteps=timesteps, model_type=a.model_type, caption_dim=a.caption_dim,
-            cls_token_num=a.cls_token_num, **cls.teacher_fields(teacher),
-        )  # fmt: skip
+        student = cls(**backbone_fields(a), codebook_dim=int(codebook.shape[1]), split=split,
+                      timesteps=timesteps, **cls.teacher_fields(teacher))  # fmt: skip
         student.to(device=teacher.output.weight.device)
         with torch.no_grad():
             student.cls_embedding.copy_from(teacher.cls_embedding)

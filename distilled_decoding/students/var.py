@@ -10,6 +10,7 @@ Timesteps and ``split`` count scales (the teacher's decoding steps); schedule, p
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,6 @@ from torch import Tensor, nn
 
 from distilled_decoding.checkpoints import CheckpointError, extract_state_dict, load_strict, read_checkpoint
 from distilled_decoding.conditions import ClassCondition
-from distilled_decoding.configs import ValidatedConfig
 from distilled_decoding.model_config import config_fields, config_init
 from distilled_decoding.students.base import (
     FewStepStudent,
@@ -33,37 +33,23 @@ from distilled_decoding.students.base import (
 )
 from distilled_decoding.students.layers import FinalLayer
 from distilled_decoding.teachers.base import get_family
-from distilled_decoding.teachers.var_config import VARConfig
+from distilled_decoding.teachers.var_config import VARBackbone, VARConfig
 from distilled_decoding.teachers.var_layers import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
 from distilled_decoding.teachers.var_official import official_var_config
-from distilled_decoding.tokenizers.msvq import PATCH_NUMS_256
 
 __all__ = ["DDVARStudent", "DDVARStudentConfig", "DDVARBlock"]
 
 #: config fields the student shares with its VAR teacher
-SHARED_FIELDS = ("num_classes", "depth", "embed_dim", "num_heads", "mlp_ratio", "drop_rate", "attn_drop_rate",
-                 "drop_path_rate", "norm_eps", "shared_aln", "attn_l2_norm", "patch_nums", "vocab_size")  # fmt: skip
+SHARED_FIELDS = tuple(f.name for f in dataclasses.fields(VARBackbone))
 
 
 @dataclass
-class DDVARStudentConfig(ValidatedConfig):
-    """The teacher's fields (official ``VAR`` names; ``codebook_dim`` = Cvae), ``layerwise_n_d`` (the official
-    ``layerwise_n_d_embed`` flag), ``timesteps`` (in scales, e.g. (0, 5)) and ``split`` (in scales: tokens of the first
-    ``split`` scales are read from the logits head, the rest from the continuous head; official ``loss_split_t``)."""
+class DDVARStudentConfig(VARBackbone):
+    """The teacher's fields (:class:`~distilled_decoding.teachers.var_config.VARBackbone`, official ``VAR`` names;
+    ``codebook_dim`` = Cvae), ``layerwise_n_d`` (the official ``layerwise_n_d_embed`` flag), ``timesteps`` (in
+    scales, e.g. (0, 5)) and ``split`` (in scales: tokens of the first ``split`` scales are read from the logits head,
+    the rest from the continuous head; official ``loss_split_t``)."""
 
-    num_classes: int = 1000
-    depth: int = 16
-    embed_dim: int = 1024
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
-    drop_rate: float = 0.0
-    attn_drop_rate: float = 0.0
-    drop_path_rate: float = 0.1 * 16 / 24
-    norm_eps: float = 1e-6
-    shared_aln: bool = False
-    attn_l2_norm: bool = True
-    patch_nums: Sequence[int] = PATCH_NUMS_256
-    vocab_size: int = 4096
     codebook_dim: int = 32
     layerwise_n_d: bool = True
     split: int = 5

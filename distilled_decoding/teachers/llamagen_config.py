@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from distilled_decoding.configs import ValidatedConfig
 
-__all__ = ["LlamaGenConfig", "LLAMAGEN_PRESETS", "MODEL_TYPES", "find_multiple"]
+__all__ = ["LlamaGenBackbone", "LlamaGenConfig", "LLAMAGEN_PRESETS", "MODEL_TYPES", "find_multiple"]
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -15,10 +15,11 @@ def find_multiple(n: int, k: int) -> int:
 
 
 @dataclass
-class LlamaGenConfig(ValidatedConfig):
-    """The official ``ModelArgs`` fields. ``block_size`` = number of image tokens (a square). ``model_type``
-    "c2i" (class labels, ``cls_token_num`` = 1) or "t2i" (caption features of width ``caption_dim`` in
-    ``cls_token_num`` positions: 120 for the official models)."""
+class LlamaGenBackbone(ValidatedConfig):
+    """The ``ModelArgs`` fields that fix LlamaGen's transformer and its condition — shared by the teacher's config
+    and by the configs of the students built on it (official names and defaults). ``block_size`` = number of image
+    tokens (a square). ``model_type`` "c2i" (class labels, ``cls_token_num`` = 1) or "t2i" (caption features of
+    width ``caption_dim`` in ``cls_token_num`` positions: 120 for the official models)."""
 
     dim: int = 4096
     n_layer: int = 32
@@ -28,19 +29,25 @@ class LlamaGenConfig(ValidatedConfig):
     ffn_dim_multiplier: float | None = None
     rope_base: float = 10000
     norm_eps: float = 1e-5
+    num_classes: int = 1000
+    caption_dim: int = 2048
+    model_type: str = "c2i"
+    vocab_size: int = 16384
+    cls_token_num: int = 1
+    block_size: int = 256
+
+
+@dataclass
+class LlamaGenConfig(LlamaGenBackbone):
+    """The official ``ModelArgs`` fields: the backbone's plus initialisation, dropout and cache sizes."""
+
     initializer_range: float = 0.02
     token_dropout_p: float = 0.1
     attn_dropout_p: float = 0.0
     resid_dropout_p: float = 0.1
     ffn_dropout_p: float = 0.1
     drop_path_rate: float = 0.0
-    num_classes: int = 1000
-    caption_dim: int = 2048
     class_dropout_prob: float = 0.1
-    model_type: str = "c2i"
-    vocab_size: int = 16384
-    cls_token_num: int = 1
-    block_size: int = 256
     max_batch_size: int = 32
     max_seq_len: int = 2048
 

@@ -10,14 +10,14 @@ from typing import Any
 from distilled_decoding.configs import ValidatedConfig
 from distilled_decoding.tokenizers.msvq import PATCH_NUMS_256, PATCH_NUMS_512
 
-__all__ = ["VARConfig", "VAR_PRESETS", "var_depth_config"]
+__all__ = ["VARBackbone", "VARConfig", "VAR_PRESETS", "var_depth_config"]
 
 
 @dataclass
-class VARConfig(ValidatedConfig):
-    """The official ``VAR`` constructor arguments (without the VAE object), plus ``vocab_size`` / ``Cvae`` (read
-    from the VAE upstream) and ``vae_config`` (the owned VAE's config, or None). Defaults are VAR-d16 as
-    ``build_vae_var`` builds it (note ``attn_l2_norm=True``; the official class default is False)."""
+class VARBackbone(ValidatedConfig):
+    """The official ``VAR`` constructor arguments that fix the transformer — shared by the teacher's config and by
+    the configs of the students built on it. Defaults are VAR-d16 as ``build_vae_var`` builds it (note
+    ``attn_l2_norm=True``; the official class default is False)."""
 
     num_classes: int = 1000
     depth: int = 16
@@ -29,10 +29,17 @@ class VARConfig(ValidatedConfig):
     drop_path_rate: float = 0.1 * 16 / 24
     norm_eps: float = 1e-6
     shared_aln: bool = False
-    cond_drop_rate: float = 0.1
     attn_l2_norm: bool = True
     patch_nums: Sequence[int] = PATCH_NUMS_256
     vocab_size: int = 4096
+
+
+@dataclass
+class VARConfig(VARBackbone):
+    """The official ``VAR`` constructor arguments (without the VAE object): the backbone's plus ``cond_drop_rate``,
+    ``Cvae`` (read from the VAE upstream) and ``vae_config`` (the owned VAE's config, or None)."""
+
+    cond_drop_rate: float = 0.1
     Cvae: int = 32  # noqa: N815 - official name
     vae_config: Mapping[str, Any] | None = None
 
