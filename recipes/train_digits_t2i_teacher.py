@@ -49,6 +49,12 @@ T2I_CONFIG = {**GPT_CONFIG, "model_type": "t2i", "caption_dim": TEXT_ENCODER_CON
               "cls_token_num": DIGITS_CAPTION_TOKENS}  # fmt: skip
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (records do not carry the machine's layout)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def t2i_from_c2i(c2i: LlamaGen) -> LlamaGen:
     """A T2I GPT whose transformer, token embeddings and head are the class-conditional GPT's."""
     gpt = LlamaGen(**T2I_CONFIG)
@@ -160,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         "text_encoder": {"tokenizer": "ByT5Tokenizer()", "config": TEXT_ENCODER_CONFIG,
                          "max_length": DIGITS_CAPTION_TOKENS, "longest_training_caption": longest,
                          "parameters": sum(p.numel() for p in t5.parameters()), "trained": "jointly with the GPT"},
-        "gpt": {"config": T2I_CONFIG, "init": "transformer, token embeddings and head of " + str(init / "gpt"),
+        "gpt": {"config": T2I_CONFIG, "init": "transformer, token embeddings and head of " + _shown(init / "gpt"),
                 "steps": args.steps, "batch": args.batch, "lr": args.lr, "final": log,
                 "sequences": len(tokens), "seconds": round(t_train, 1)},
         "prompt_accuracy": {"cfg_scale": args.cfg_scale, "samples": args.eval_samples, "classifier":
