@@ -156,15 +156,17 @@ def measure_samplers(
         imgs = torch.cat(chunks)
         images[name] = imgs
         m = compute_metrics(imgs, reference, feature_extractor=feature_extractor, prc=stats is None)
-        b1 = None
-        if latency_repeats:
-            b1 = _latency(lambda s=sampler, y=conditions[:1]: decode(s(noise[:1], y)[0]), latency_repeats)
         rows[name] = {
             "fid": m["fid"], "is": m["is"], "precision": m.get("precision"), "recall": m.get("recall"),
             "class_acc": class_accuracy(imgs, labels, classifier) if digits else None,
             "clip": clip_score(imgs, list(prompts), clip_model) if clip_model is not None and prompts else None,
-            "steps": sampler.steps, "images_per_s": num_images / seconds, "ms_batch1": None if b1 is None else b1 * 1e3,
+            "steps": sampler.steps, "images_per_s": num_images / seconds, "ms_batch1": None,
         }  # fmt: skip
+    # batch-1 latency after every image set: its calls draw from the samplers' generators (onestep*, skip-n share
+    # one), so timing them in between would change the images of the rows that follow
+    for sampler in samplers if latency_repeats else ():
+        b1 = _latency(lambda s=sampler, y=conditions[:1]: decode(s(noise[:1], y)[0]), latency_repeats)
+        rows[sampler.name]["ms_batch1"] = b1 * 1e3
     return rows, images
 
 

@@ -52,3 +52,38 @@ def test_teacher_sampler_is_the_flow_map_loop_and_the_multinomial_loop():
     assert multi.name == "teacher AR (multinomial)" and torch.equal(drawn, expected)
     with pytest.raises(ValueError, match="chooser='bogus'"):
         TeacherSampler(gpt, codebook, chooser="bogus")(noise, labels)
+
+
+class _Draw:
+    """A sampler drawing uniform tokens from a generator it may share with others (as onestep* and skip-n do)."""
+
+    steps = 1
+
+    def __init__(self, name: str, generator: torch.Generator, codebook: torch.Tensor):
+        self.name, self.generator, self.codebook = name, generator, codebook
+
+    def __call__(self, noise: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.randint(self.codebook.shape[0], noise.shape[:2], generator=self.generator)
+        return self.codebook[tokens], tokens
+
+
+def test_batch_1_timing_does_not_change_the_measured_images(monkeypatch, tmp_path):
+    """The latency calls draw from the samplers' generators; the images (and so FID etc.) must not depend on them."""
+    import distilled_decoding.metrics as metrics
+    from distilled_decoding.evaluation import measure_samplers
+
+    monkeypatch.setattr(metrics, "compute_metrics", lambda *a, **k: {"fid": 0.0, "is": 0.0})
+    codebook = torch.randn(64, 8)
+    decode = lambda v: torch.sigmoid(v[..., :3]).permute(0, 2, 1).reshape(v.shape[0], 3, 4, 4)  # noqa: E731
+    noise, labels = torch.randn(6, 16, 8), torch.arange(6) % 3
+
+    def images(latency_repeats: int) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        samplers = [_Draw("a", gen, codebook), _Draw("b", gen, codebook)]
+        rows, imgs = measure_samplers(samplers, decode, noise, labels, str(tmp_path), batch_size=4,
+                                      latency_repeats=latency_repeats, progress=False)  # fmt: skip
+        assert all((r["ms_batch1"] is not None) == bool(latency_repeats) for r in rows.values())
+        return imgs
+
+    timed, untimed = images(2), images(0)
+    assert all(torch.equal(timed[k], untimed[k]) for k in ("a", "b"))
