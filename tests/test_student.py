@@ -128,7 +128,7 @@ def test_loss_ignores_data_positions_and_learns(student_pair):
     # a few optimisation steps on one batch reduce the loss: gradients reach every new part
     student.train()
     zero = torch.zeros(4, dtype=torch.long)
-    start = float(_loss(student, noise, tokens, labels, zero)["total"])
+    start = float(_loss(student, noise, tokens, labels, zero)["total"].detach())
     opt = torch.optim.Adam(student.parameters(), lr=3e-3)
     for _ in range(15):
         loss = _loss(student, noise, tokens, labels, torch.zeros(4, dtype=torch.long))["total"]
