@@ -109,6 +109,7 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, **dumps: Any) -> Path:
 # ----------------------------------------------------------------------------------------------------------
 # staged folders
 # ----------------------------------------------------------------------------------------------------------
+_STAGING = re.compile(r"\.staging-[a-z0-9_]{8}")
 _SAFE_REL = re.compile(r"^(?!/)(?!.*(?:^|/)\.\.(?:/|$)).+$")
 
 
@@ -143,8 +144,8 @@ class StagedFolder:
         self._lock = JobLock(self.target, what="save")
         self._lock.acquire()
         try:
-            for stale in self.target.glob(".staging-*"):
-                if stale.is_dir() and not stale.is_symlink():
+            for stale in self.target.iterdir():  # only names mkdtemp(prefix=".staging-") makes
+                if _STAGING.fullmatch(stale.name) and stale.is_dir() and not stale.is_symlink():
                     shutil.rmtree(stale, ignore_errors=True)
             self.path = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.target))
         except BaseException:

@@ -199,10 +199,7 @@ class DistilledDecodingPipeline(DiffusionPipeline):
         ``generator``). Returns ``images``, then the final tokens (B, N) if ``return_tokens``, then the condition
         (class labels (B,) or the caption features) if ``return_labels``.
         """
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
-        _check_noise(noise, self.noise_shape)
-        self.student.check_noise(noise)
+        self._check_call(noise, generator)
         condition = self.prepare_condition(class_labels, prompt, prompt_embeds, batch=noise.shape[0],
                                            generator=generator)  # fmt: skip
         return self.generate_from_condition(noise, condition, steps, teacher=teacher, teacher_tokens=teacher_tokens,
@@ -225,14 +222,12 @@ class DistilledDecodingPipeline(DiffusionPipeline):
     ) -> Tensor | tuple[Tensor, ...]:
         """:meth:`generate` with the condition already in the student's form (:meth:`prepare_condition`)."""
         student = self.student
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
-        _check_noise(noise, self.noise_shape)
+        self._check_call(noise, generator)
         if isinstance(steps, bool) or not isinstance(steps, int):
             raise TypeError(f"steps={steps!r}: expected an int (1 or {len(student.config.timesteps)})")
         if teacher_sampling not in ("flow", "random"):
             raise ValueError(f"teacher_sampling={teacher_sampling!r}: expected 'flow' or 'random'")
-        condition = student.condition.to(student.check_inputs(noise, condition), student.codebook.device)
+        condition = student.condition.to(student.condition.check(condition, noise.shape[0]), student.codebook.device)
         noise = noise.to(device=student.codebook.device, dtype=student.codebook.dtype)
         sampler = self.sampler(steps, teacher=teacher, teacher_tokens=teacher_tokens,
                                teacher_sampling=teacher_sampling, generator=generator)  # fmt: skip
@@ -240,6 +235,15 @@ class DistilledDecodingPipeline(DiffusionPipeline):
         images = self.decode(vectors)
         out = (images, *((tokens,) if return_tokens else ()), *((condition,) if return_labels else ()))
         return out if len(out) > 1 else images
+
+    def _check_call(self, noise: Any, generator: Any) -> None:
+        """TypeError / ValueError naming ``generator`` or ``noise`` (a finite float (B, N, D) tensor, B >= 1)."""
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+        if not isinstance(noise, Tensor):
+            n, d = self.noise_shape
+            raise TypeError(f"noise: expected a (B, {n}, {d}) float tensor, got {type(noise).__name__}")
+        self.student.check_noise(noise)
 
     def _check_teacher(self, teacher: Any) -> None:
         if not isinstance(teacher, torch.nn.Module):
@@ -455,15 +459,6 @@ def _check_local_pipeline(path: Any, name: str) -> None:
     if not isinstance(data, dict) or data.get("_class_name") != name:
         found = data.get("_class_name") if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"{index}: describes a {found!r} pipeline, not a {name}")
-
-
-def _check_noise(noise: Any, shape: tuple[int, int]) -> None:
-    if not isinstance(noise, Tensor):
-        raise TypeError(f"noise: expected a (B, {shape[0]}, {shape[1]}) float tensor, got {type(noise).__name__}")
-    if noise.ndim == 3 and noise.shape[0] == 0:
-        raise ValueError(f"noise: empty batch, shape {tuple(noise.shape)}; expected at least one row")
-    if noise.dtype.is_floating_point and not bool(torch.isfinite(noise).all()):
-        raise ValueError("noise: contains NaN or inf values; expected finite standard normal noise")
 
 
 def _fmt(v: Any) -> str:

@@ -255,6 +255,7 @@ class CheckpointStore:
     Every process must call :meth:`save` and :meth:`load` (``acc``: the Accelerator)."""
 
     PATTERN = re.compile(r"checkpoint_(\d+)")
+    PARTIAL = re.compile(r"checkpoint_(\d+)\.partial")
 
     def __init__(self, root: Path, keep_last: int, settings_digest: str):
         self.root, self.keep_last, self.digest = Path(root), keep_last, settings_digest
@@ -273,18 +274,18 @@ class CheckpointStore:
         return done[-1][1] if done else None
 
     def drop_incomplete(self) -> None:
-        """Remove checkpoints cut short by a kill (``*.partial``, or numbered folders without ``COMPLETE``)."""
+        """Remove checkpoints cut short by a kill: the ``checkpoint_<n>.partial`` folders :meth:`save` writes
+        into. A numbered folder without ``COMPLETE`` was not written by :meth:`save` (it renames a checkpoint into
+        place only once complete): it is left alone and never read."""
         if not self.root.is_dir():
             return
-        for p in self.root.glob("checkpoint_*.partial"):
-            shutil.rmtree(p)
-        for _, p in self._numbered():
-            if not (p / COMPLETE).exists():
+        for p in self.root.iterdir():
+            if self.PARTIAL.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
 
     def save(self, acc: Any, *, model: Any, optimizer: Any, scheduler: Any, ema: Any, counter: Any) -> Path:
-        done = self.complete()
-        n = done[-1][0] + 1 if done else 0
+        numbered = self._numbered()  # numbered past every checkpoint_<n>, complete or not: nothing is overwritten
+        n = numbered[-1][0] + 1 if numbered else 0
         final = self.root / f"checkpoint_{n}"
         part = self.root / f"checkpoint_{n}.partial"
         if acc.is_main_process:

@@ -97,6 +97,50 @@ def test_save_pretrained_into_the_working_directory(job, tmp_path, monkeypatch):
     assert torch.equal(DistilledDecodingPipeline.from_pretrained(".").student.codebook, pipe.student.codebook)
 
 
+def test_save_removes_only_its_own_stale_staging_folders(job, tmp_path):
+    """A staging folder a killed save left (the name mkdtemp makes) is removed; a user's folder that merely starts
+    with ".staging-" is not."""
+    out = tmp_path / "out"
+    (out / ".staging-abcd_123").mkdir(parents=True)  # shaped like mkdtemp(prefix=".staging-")
+    (out / ".staging-abcd_123" / "x.bin").write_bytes(b"stale")
+    (out / ".staging-notes").mkdir()
+    (out / ".staging-notes" / "mine.txt").write_text("mine")
+    DistilledDecodingPipeline.from_pretrained(job / "pipeline").save_pretrained(out)
+    assert not (out / ".staging-abcd_123").exists()
+    assert (out / ".staging-notes" / "mine.txt").read_text() == "mine"
+
+
+def test_checkpoint_store_deletes_only_its_partial_checkpoints(tmp_path):
+    """Resuming drops the ``checkpoint_<n>.partial`` folders a killed save left; a numbered folder without
+    COMPLETE was never written by the store (it renames a checkpoint into place once complete): it stays, is not
+    read, and new checkpoints are numbered past it."""
+    from accelerate import Accelerator
+    from diffusers.training_utils import EMAModel
+
+    from distilled_decoding.distill import StepCounter
+    from distilled_decoding.training_state import CheckpointStore
+
+    root = tmp_path / "checkpoints"
+    (root / "checkpoint_7").mkdir(parents=True)
+    (root / "checkpoint_7" / "mine.txt").write_text("mine")
+    (root / "checkpoint_3.partial").mkdir()
+    (root / "checkpoint_notes.partial").mkdir()
+    store = CheckpointStore(root, keep_last=1, settings_digest="d")
+    store.drop_incomplete()
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint_7", "checkpoint_notes.partial"]
+    assert store.latest() is None  # the foreign folder is never read
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    acc = Accelerator(cpu=True)
+    states = {"model": model, "optimizer": opt, "scheduler": sched, "ema": EMAModel(model.parameters()),
+              "counter": StepCounter()}  # fmt: skip
+    first = store.save(acc, **states)
+    second = store.save(acc, **states)  # keep_last=1 prunes the first, never the foreign folder
+    assert (first.name, second.name) == ("checkpoint_8", "checkpoint_9") and not first.exists()
+    assert (root / "checkpoint_7" / "mine.txt").read_text() == "mine" and store.latest() == second
+
+
 def test_a_second_save_removes_only_what_the_previous_one_wrote(job, tmp_path):
     pipe = DistilledDecodingPipeline.from_pretrained(job / "pipeline")
     target = tmp_path / "dd"

@@ -156,7 +156,7 @@ class FewStepStudent:
         if not noise.dtype.is_floating_point:
             raise ValueError(f"noise: expected a floating dtype (standard normal values), got {noise.dtype}")
         if noise.shape[0] == 0:
-            raise ValueError("noise: expected at least one row (B >= 1), got an empty batch")
+            raise ValueError(f"noise: empty batch, shape {tuple(noise.shape)}; expected at least one row (B >= 1)")
         if not bool(torch.isfinite(noise).all()):
             raise ValueError("noise: contains NaN or inf; expected finite standard normal values")
 
