@@ -62,9 +62,19 @@ _EXPORTS = {
     "TeacherSampler": "distilled_decoding.samplers",
     "StudentSampler": "distilled_decoding.samplers",
     "RefinedSampler": "distilled_decoding.samplers",
+    "ARDiffusionSampler": "distilled_decoding.samplers",
     "OneStepStar": "distilled_decoding.samplers",
     "SkipN": "distilled_decoding.samplers",
     "DistilledDecodingPipeline": "distilled_decoding.pipeline",
+    # Distilled Decoding 2
+    "ARDiffusion": "distilled_decoding.students.dd2",
+    "DD2Generator": "distilled_decoding.students.dd2",
+    "TeacherScore": "distilled_decoding.teacher_score",
+    "teacher_logits": "distilled_decoding.teacher_score",
+    "GTSConfig": "distilled_decoding.dd2_training",
+    "CSDConfig": "distilled_decoding.dd2_training",
+    "train_gts": "distilled_decoding.dd2_training",
+    "train_csd": "distilled_decoding.dd2_training",
 }
 _SUBMODULES = {
     "flow",
@@ -87,6 +97,8 @@ _SUBMODULES = {
     "hub",
     "releases",
     "fid",
+    "teacher_score",
+    "methods",
 }
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
@@ -119,6 +131,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         flow,
         hub,
         losses,
+        methods,
         metrics,
         pipeline,
         prompts,
@@ -127,6 +140,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         samplers,
         sampling,
         students,
+        teacher_score,
         teachers,
         text,
         trajectories,
@@ -134,18 +148,28 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from distilled_decoding.checkpoints import CheckpointError, load_state_dict_file
     from distilled_decoding.clip import clip_score
     from distilled_decoding.conditions import ClassCondition, TextCondition
+    from distilled_decoding.dd2_training import CSDConfig, GTSConfig, train_csd, train_gts
     from distilled_decoding.distill import DistillConfig, train_student
     from distilled_decoding.flow import noise_to_tokens
     from distilled_decoding.hub import HubReferenceError, resolve_file
     from distilled_decoding.pipeline import DistilledDecodingPipeline
     from distilled_decoding.prompts import load_prompts
     from distilled_decoding.releases import RELEASES, load_release
-    from distilled_decoding.samplers import OneStepStar, RefinedSampler, SkipN, StudentSampler, TeacherSampler
+    from distilled_decoding.samplers import (
+        ARDiffusionSampler,
+        OneStepStar,
+        RefinedSampler,
+        SkipN,
+        StudentSampler,
+        TeacherSampler,
+    )
     from distilled_decoding.sampling import FlowChooser, MultinomialChooser, sample_tokens
     from distilled_decoding.students import student_from_teacher
+    from distilled_decoding.students.dd2 import ARDiffusion, DD2Generator
     from distilled_decoding.students.llamagen import DDStudent
     from distilled_decoding.students.par import DDPARStudent
     from distilled_decoding.students.var import DDVARStudent
+    from distilled_decoding.teacher_score import TeacherScore, teacher_logits
     from distilled_decoding.teachers import (
         Teacher,
         TeacherFamily,

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distilled_decoding.samplers import TeacherSampler
+from distilled_decoding.samplers import RefinedSampler, TeacherSampler
 from distilled_decoding.sampling import FlowChooser, MultinomialChooser, filter_logits, sample_tokens
 
 __all__ = [
@@ -288,18 +288,19 @@ def bench_pipeline(
 
     Speedups are reported against the teacher's ordinary decoding (``speedup_vs_teacher``: KV cache, multinomial,
     same batch and sampling settings) and against its flow-map decoding (``speedup_vs_teacher_flow_map``).
-    ``floor`` is DD 1-step's lower bound: one student forward over the whole sequence plus the decode."""
+    ``floor`` is the 1-step sampler's lower bound: one student prediction over the whole sequence (forward, tokens,
+    their vectors) plus the decode. The student's rows: :meth:`~distilled_decoding.pipeline.DistilledDecodingPipeline.
+    student_samplers` (DD: 1-step, 2-step, refined; DD2: 1-step, two refined)."""
     student = pipe.student
     device = student.codebook.device
     n_tok, dim = pipe.noise_shape
     sampling = dict(pipe.info.get("teacher_sampling") or {})
     flow_kwargs = dict(pipe.info.get("flow") or {})
-    t2 = list(student.config.timesteps)[-1]
-    refine = refine or (t2 - max(1, t2 // 4), t2)
     generator = torch.Generator(device=device).manual_seed(0)
     objects = [TeacherSampler(teacher, student.codebook, sampling, "multinomial", generator=generator),
-               TeacherSampler(teacher, student.codebook, sampling, "flow", flow_kwargs), pipe.sampler(1),
-               pipe.sampler(2), pipe.sampler(teacher=teacher, teacher_tokens=refine)]  # fmt: skip
+               TeacherSampler(teacher, student.codebook, sampling, "flow", flow_kwargs),
+               *pipe.student_samplers(teacher, refine)]  # fmt: skip
+    one_step = objects[2].name
     results: dict[str, Any] = {}
     for b in batch_sizes:
         noise = torch.randn(b, n_tok, dim, device=device)
@@ -307,13 +308,12 @@ def bench_pipeline(
         zero = torch.zeros(b, dtype=torch.long, device=device)
 
         def floor() -> Tensor:
-            logits, _ = student(noise, labels, zero)
-            return pipe.decode(student.codebook[logits.argmax(-1)])
+            return pipe.decode(student.predict(noise, labels, zero)[0])
 
         samplers: dict[str, Callable[[], Tensor]] = {
             s.name: (lambda s=s: pipe.decode(s(noise, labels)[0])) for s in objects
         }
-        samplers["DD 1-step floor (forward + decode)"] = floor
+        samplers[f"{one_step} floor (forward + decode)"] = floor
         row = {}
         for name, fn in samplers.items():
             with peak_memory() as mem:
@@ -324,10 +324,11 @@ def bench_pipeline(
         for r in row.values():
             r["speedup_vs_teacher"] = base / r["median_s"]
             r["speedup_vs_teacher_flow_map"] = flow / r["median_s"]
-        row["DD 1-step / floor"] = row["DD 1-step"]["median_s"] / row["DD 1-step floor (forward + decode)"]["median_s"]
+        row[f"{one_step} / floor"] = row[one_step]["median_s"] / row[f"{one_step} floor (forward + decode)"]["median_s"]
         results[f"batch_{b}"] = row
-    return {"student": type(student).__name__, "tokens": n_tok, "refine": list(refine), "results": results,
-            "env": environment()}  # fmt: skip
+    refined = [list(s.teacher_tokens) for s in objects if isinstance(s, RefinedSampler)]
+    return {"student": type(student).__name__, "tokens": n_tok, "refine": refined[0] if len(refined) == 1 else refined,
+            "results": results, "env": environment()}  # fmt: skip
 
 
 @torch.no_grad()

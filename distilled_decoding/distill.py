@@ -57,6 +57,7 @@ class DistillConfig(ValidatedConfig):
 
     trajectories: str = "runs/digits/trajectories"
     output_dir: str = "runs/digits/student"
+    method: str = "dd1"  # distilled_decoding.methods: "dd1" (this trainer) or "dd2" (the recipe's dd2 section)
     # student
     timesteps: tuple[int, ...] | None = None  # None: the teacher family's default (LlamaGen (0, 80) of 256 tokens)
     split: int | None = None  # None: the last timestep; every step when no loss trains the continuous head
@@ -101,8 +102,10 @@ class DistillConfig(ValidatedConfig):
 
     def validate(self) -> None:
         from distilled_decoding.losses import LOSSES
+        from distilled_decoding.methods import METHODS
 
         req = self.require
+        req(self.method in METHODS, "method", self.method, f"one of {sorted(METHODS)}")
         req(bool(self.loss) and set(self.loss) <= set(LOSSES) and all(w >= 0 for w in self.loss.values()), "loss",
             self.loss, f"weights >= 0 of some of {sorted(LOSSES)}, e.g. {{ce: 1.0, mse: 1.0}} (or the shorthand "
             "'ce+mse')")  # fmt: skip

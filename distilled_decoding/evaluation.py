@@ -82,8 +82,11 @@ def standard_samplers(
     """The rows of the evaluation table, in order: the teacher's ordinary decoding (multinomial, seeded ``seed + 2``:
     the baseline of the speedup column), the teacher through the flow map (the mapping the student learned), DD
     1-step, DD 2-step and DD refined (``refine`` = (T, t₂); default (t₂ − max(1, t₂ // 4), t₂)) when the student has
-    two timesteps, and with the marginals ``probs`` the baselines onestep* and skip-n for n in ``skip`` (drawing from
-    one generator seeded ``seed + 1``, in that order)."""
+    two timesteps — a one-step student (DD2) gets two refined rows where the teacher regenerates its last N // 4 and
+    N // 2 steps instead (DD2's Alg. 4; ``refine`` = (T, N) picks one) — and with the marginals ``probs`` the
+    baselines onestep* and skip-n for n in ``skip`` (drawing from
+    one generator seeded ``seed + 1``, in that order). The student's rows: :meth:`~distilled_decoding.pipeline.
+    DistilledDecodingPipeline.student_samplers`."""
     student = pipe.student
     sampling = dict(pipe.info.get("teacher_sampling") or {})
     flow = dict(pipe.info.get("flow") or {})
@@ -92,12 +95,8 @@ def standard_samplers(
             teacher, student.codebook, sampling, "multinomial", generator=torch.Generator().manual_seed(seed + 2)
         ),
         TeacherSampler(teacher, student.codebook, sampling, "flow", flow),
-        pipe.sampler(1),
+        *pipe.student_samplers(teacher, refine),
     ]
-    timesteps = list(student.config.timesteps)
-    if len(timesteps) > 1:
-        t2 = timesteps[-1]
-        out += [pipe.sampler(2), pipe.sampler(teacher=teacher, teacher_tokens=refine or (t2 - max(1, t2 // 4), t2))]
     if probs is not None:
         gen = torch.Generator().manual_seed(seed + 1)
         out.append(OneStepStar(probs, student.codebook, gen))
@@ -309,6 +308,7 @@ def extra_teacher_samplers(entries: Sequence[dict[str, Any]], pipe: Any) -> list
 def evaluate_job(cfg: Any, teacher: Any, vq: Any) -> dict[str, Any]:
     """The ``evaluate`` stage of :func:`distilled_decoding.recipe.run`: table, JSON, markdown and grid PNG."""
     from distilled_decoding.digits import load_digits_images
+    from distilled_decoding.methods import get_method
     from distilled_decoding.pipeline import DistilledDecodingPipeline
     from distilled_decoding.trajectories import TrajectoryDataset
 
@@ -342,7 +342,8 @@ def evaluate_job(cfg: Any, teacher: Any, vq: Any) -> dict[str, Any]:
                                seed=ec.seed, refine=tuple(ec.refine) if ec.refine else None, skip=skip, probs=probs,
                                feature_extractor=ec.feature_extractor, prompts=prompts, labels=labels,
                                clip_model=ec.clip_model, latency_repeats=ec.latency_repeats,
-                               extra=extra_teacher_samplers(ec.extra_teachers, pipe))  # fmt: skip
+                               extra=extra_teacher_samplers(ec.extra_teachers, pipe)
+                               + get_method(cfg.distill.method).extra_samplers(cfg, pipe))  # fmt: skip
     rows = result["rows"]
     extra_names = {str(e["name"]) for e in ec.extra_teachers}
     # rows that are functions of the noise

@@ -11,7 +11,9 @@ data at t = 0) the flow-matching field has the closed form
 and integrating ``dx/dt = v`` from ``x_1 = ε`` down to a small ``t_min`` maps ε to (a point next to) one
 codebook vector; the token is the argmax of the posterior there. The induced map sends N(0, I) to ``p`` up to
 solver error. :func:`noise_to_tokens` is the batched map; :func:`denoise`, :func:`velocity` and
-:func:`time_grid` are the pieces; :mod:`distilled_decoding.flow_reference` is a plain float64 implementation of
+:func:`time_grid` are the pieces; :func:`posterior_mean` is the same x̂0 with autograd and a t per row (for
+training losses such as Distilled Decoding 2's teacher score; fast, not batch invariant);
+:mod:`distilled_decoding.flow_reference` is a plain float64 implementation of
 the same map that the tests compare against.
 
 Time grid: the flow is exactly covariant under scaling of the codebook (scaling c by s is the
@@ -59,6 +61,7 @@ __all__ = [
     "multistep_coefficients",
     "noise_to_tokens",
     "posterior_logits",
+    "posterior_mean",
     "rescale_time",
     "shifted_log_p",
     "solver_times",
@@ -351,3 +354,37 @@ def denoise(x: Tensor, t: float, log_p: Tensor, codebook: Tensor) -> Tensor:
 def velocity(x: Tensor, t: float, log_p: Tensor, codebook: Tensor) -> Tensor:
     """Flow-matching velocity dx/dt = (x − x̂0(x, t)) / t, shapes as in :func:`denoise`."""
     return (x.float() - denoise(x, t, log_p, codebook)) / _check_t(t)
+
+
+def posterior_mean(x: Tensor, t: Tensor | float, log_p: Tensor, codebook: Tensor) -> Tensor:
+    """Posterior mean x̂0(x, t) = Σ_j w_j c_j, ``w = softmax_j(log p_j + (1 − t)/t² x·c_j − (1 − t)²/(2t²) ‖c_j‖²)``
+    (:func:`denoise`'s formula: the ‖x‖² term cancels in the softmax), differentiable in x and log_p, one t per row.
+
+    Args:
+        x: (..., D) float noisy vectors x_t = (1 − t) x0 + t ε.
+        t: a float or a tensor broadcastable to ``x.shape[:-1]``, every entry in (0, 1].
+        log_p: (..., V) log-probabilities up to a per-row constant, broadcastable against ``x.shape[:-1]`` (e.g.
+            (B, N, 1, V) for m noise draws (B, N, m, D) per position); −inf excludes a code, ≥ 1 finite per row.
+        codebook: (V, D).
+
+    Returns:
+        (..., D) float32. A matmul and ``torch.softmax``: equal to :func:`denoise` up to float32 rounding (≈1e-6),
+        not bit-identical across batch shapes (use :func:`denoise` / :func:`noise_to_tokens` where that matters).
+    """
+    _check_float("x", x)
+    _check_float("log_p", log_p)
+    _check_float("codebook", codebook)
+    if codebook.dim() != 2 or x.shape[-1] != codebook.shape[1] or log_p.shape[-1] != codebook.shape[0]:
+        raise ValueError(
+            f"codebook: expected (V, D) with x (..., D) and log_p (..., V); got codebook {tuple(codebook.shape)}, "
+            f"x {tuple(x.shape)}, log_p {tuple(log_p.shape)}"
+        )
+    t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
+    if t.numel() and not bool(((t > 0) & (t <= 1)).all()):
+        raise ValueError("t: every entry must lie in (0, 1]")
+    cb = codebook.float()
+    a = 1.0 - t
+    coef = (a / (t * t)).unsqueeze(-1)
+    quad = (a * a / (2.0 * t * t)).unsqueeze(-1)
+    logits = log_p.float() + coef * (x.float() @ cb.T) - quad * cb.square().sum(-1)
+    return torch.softmax(logits, dim=-1) @ cb

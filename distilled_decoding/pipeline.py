@@ -170,6 +170,24 @@ class DistilledDecodingPipeline(DiffusionPipeline):
         self._check_teacher(teacher)
         return sampler
 
+    def student_samplers(self, teacher: Any = None, refine: tuple[int, int] | None = None) -> list[Any]:
+        """The student's rows of tables and benchmarks: 1-step; with two timesteps 2-step and (with ``teacher``)
+        refined ``refine`` = (T, t₂) (default (t₂ − max(1, t₂ // 4), t₂)); a one-step student (DD2) gets, with
+        ``teacher``, two refined rows where the teacher regenerates its last N // 4 and N // 2 steps (DD2's Alg. 4;
+        ``refine`` = (T, N) picks one)."""
+        out = [self.sampler(1)]
+        timesteps = list(self.student.config.timesteps)
+        if len(timesteps) > 1:
+            t2 = timesteps[-1]
+            out.append(self.sampler(2))
+            tails = [refine or (t2 - max(1, t2 // 4), t2)]
+        else:
+            n = self.student.num_steps
+            tails = [refine] if refine else [(n - max(1, n // 4), n), (n - max(1, n // 2), n)]
+        if teacher is not None:
+            out += [self.sampler(teacher=teacher, teacher_tokens=tuple(tt)) for tt in tails]
+        return out
+
     @torch.no_grad()
     def generate(
         self,
@@ -386,10 +404,11 @@ class DistilledDecodingPipeline(DiffusionPipeline):
             "license: mit",
             "---",
             "",
-            f"# Distilled Decoding student ({info.get('name', 'class-conditional')})",
+            f"# {self.student.method_name} student ({info.get('name', 'class-conditional')})",
             "",
-            "One- and two-step generator distilled from an image autoregressive teacher with Distilled Decoding "
-            "(Liu et al., arXiv 2412.17153). Load it with the `distilled-decoding` toolkit:",
+            f"{len(s.timesteps) > 1 and 'One- and two-step' or 'One-step'} generator distilled from an image "
+            f"autoregressive teacher with {_PAPERS.get(self.student.method_name, self.student.method_name)}. Load it "
+            "with the `distilled-decoding` toolkit:",
             "",
             "```python",
             "from distilled_decoding import DistilledDecodingPipeline",
@@ -406,8 +425,8 @@ class DistilledDecodingPipeline(DiffusionPipeline):
             "## Student",
             f"- {type(self.student).__name__}: {n_params / 1e6:.2f}M parameters, N = {self.student.seq_len} tokens, "
             f"codebook {s.vocab_size} × {s.codebook_dim}",
-            f"- timesteps (training and 2-step schedule): {list(s.timesteps)}; split (logits head before, continuous "
-            f"head from): {s.split}",
+            f"- timesteps (training and few-step schedule): {list(s.timesteps)}; first position read from the "
+            f"continuous head: {self.student.split_position}",
             f"- condition: `{json.dumps(self.student.condition.describe(), sort_keys=True)}`"
             + (
                 f"; text encoder {type(self.text_encoder).__name__} (d_model {self.text_encoder.config.d_model})"
@@ -428,6 +447,10 @@ class DistilledDecodingPipeline(DiffusionPipeline):
         else:
             lines.append("No metrics recorded.")
         return "\n".join(lines) + "\n"
+
+
+#: the paper of each student's method (model cards)
+_PAPERS = {"DD": "Distilled Decoding (Liu et al., arXiv 2412.17153)", "DD2": "Distilled Decoding 2 (arXiv 2510.21003)"}
 
 
 def _check_local_pipeline(path: Any, name: str) -> None:

@@ -3,7 +3,8 @@
 Stages (each resumable, each skipped when its output exists):
 
 1. ``trajectories`` — build (noise, tokens) pairs with the frozen teacher (:func:`build_trajectories`);
-2. ``train`` — distil the student with Accelerate (:func:`train_student`);
+2. ``train`` — distil the student with Accelerate by ``distill.method`` (:mod:`distilled_decoding.methods`): ``dd1``
+   (:func:`train_student`, the default) or ``dd2`` (GTS + CSD → a one-step generator; settings in ``dd2``);
 3. ``save`` — write the :class:`DistilledDecodingPipeline` (student + tokenizer, model card);
 4. ``evaluate`` — the comparison table and sample grid (:mod:`distilled_decoding.evaluation`).
 
@@ -40,13 +41,8 @@ from distilled_decoding.configs import (
 from distilled_decoding.distill import DistillConfig
 from distilled_decoding.fileio import atomic_write_text
 from distilled_decoding.hub import is_hub_reference
-from distilled_decoding.training_state import (
-    TrainingStateError,
-    check_training_settings,
-    read_training_settings,
-    save_student,
-    training_settings,
-)
+from distilled_decoding.methods import DD2Settings, get_method
+from distilled_decoding.training_state import TrainingStateError, check_training_settings, read_training_settings
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -228,6 +224,7 @@ class RecipeConfig(ValidatedConfig):
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     trajectories: TrajectoryConfig = field(default_factory=TrajectoryConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    dd2: DD2Settings = field(default_factory=DD2Settings)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
@@ -245,7 +242,7 @@ class RecipeConfig(ValidatedConfig):
 
 
 _SECTIONS = {"teacher": TeacherConfig, "trajectories": TrajectoryConfig, "distill": DistillConfig,
-             "evaluate": EvalConfig}  # fmt: skip
+             "dd2": DD2Settings, "evaluate": EvalConfig}  # fmt: skip
 
 
 def load_recipe_config(
@@ -320,6 +317,7 @@ def _preflight(cfg: RecipeConfig) -> None:
         if value is not None and not (Path(value).exists() or is_hub_reference(value)):
             raise ConfigError(f"{name}: {value} does not exist (a save_pretrained folder, an official checkpoint "
                               "file or a Hub reference)")  # fmt: skip
+    get_method(cfg.distill.method).student_class(cfg.teacher.kind)  # the method exists for this teacher family
     if get_family(cfg.teacher.kind).needs_tokenizer and cfg.teacher.tokenizer is None:
         raise ConfigError(f"teacher.tokenizer: null, but a {cfg.teacher.kind!r} teacher needs its tokenizer")
     reference = cfg.evaluate.reference
@@ -352,15 +350,9 @@ def _run_stages(cfg: RecipeConfig, state: Any, record: str | None) -> dict[str, 
                            store_noise=tc.store_noise, prompts=tc.load_prompts(), text_encoder=text_encoder,
                            **tc.sampling())  # fmt: skip
     student = None
+    method = get_method(cfg.distill.method)
     if "train" in cfg.stages:
-        from distilled_decoding.distill import train_student
-
-        tok_dev = tokenizer.to(state.device)
-        decode = lambda v: tok_dev.decode_vectors(v)  # noqa: E731
-        student = train_student(cfg.distill, teacher=teacher, codebook=tokenizer.codebook, decode=decode)
-        tokenizer = tokenizer.to("cpu")
-        if state.is_main_process:
-            save_student(student, student_dir / "final", read_training_settings(student_dir))
+        student = method.train(cfg, teacher, tokenizer, state)
     if "save" in cfg.stages and state.is_main_process:
         from distilled_decoding.pipeline import DistilledDecodingPipeline
         from distilled_decoding.trajectories import TrajectoryDataset
@@ -370,8 +362,8 @@ def _run_stages(cfg: RecipeConfig, state: Any, record: str | None) -> dict[str, 
         if student is None:
             if not (final / "config.json").is_file():
                 raise ConfigError(f"distill.output_dir: {final} holds no trained student; run the 'train' stage")
-            student = _student_class(final, cfg.teacher.kind).from_pretrained(final)
-            _check_final_student(cfg, ds, student, final)
+            student = _student_class(final, method.student_class(cfg.teacher.kind)).from_pretrained(final)
+            _check_final_student(cfg, method, ds, student, final)
         info = pipeline_info(cfg, ds, read_training_settings(final))
         text = {} if text_encoder is None else {"text_encoder": text_encoder.model,
                                                 "text_tokenizer": text_encoder.tokenizer}  # fmt: skip
@@ -386,18 +378,12 @@ def _run_stages(cfg: RecipeConfig, state: Any, record: str | None) -> dict[str, 
     return summary
 
 
-def _check_final_student(cfg: RecipeConfig, ds: Any, student: Any, final: Path) -> None:
+def _check_final_student(cfg: RecipeConfig, method: Any, ds: Any, student: Any, final: Path) -> None:
     """A student saved earlier is packaged only if this run's settings are the ones it was trained with."""
     stored = read_training_settings(final)
     if stored is None:
         raise TrainingStateError(f"{final}: no training.json; the settings that produced this student are unknown")
-    mp = cfg.distill.mixed_precision or stored["distill"].get("mixed_precision", "no")  # packaging needs no device
-    settings = training_settings(cfg.distill, ds, student, mp)
-    if cfg.distill.split is not None:  # asked for explicitly: compare with what the student was trained with
-        settings["distill"]["split"] = cfg.distill.split
-    if cfg.distill.timesteps is not None:
-        settings["distill"]["timesteps"] = list(cfg.distill.timesteps)
-    check_training_settings(final, settings, what="saved student")
+    check_training_settings(final, method.settings(cfg, ds, student, stored), what="saved student")
 
 
 def pipeline_info(cfg: RecipeConfig, ds: Any, training: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -418,16 +404,19 @@ def pipeline_info(cfg: RecipeConfig, ds: Any, training: dict[str, Any] | None = 
             "condition": s.get("condition"),
             "condition_ids": s.get("condition_ids", s.get("class_labels")),
         },
-        "training": dict((training or {}).get("distill") or {}),
+        "training": dict(
+            (training or {}).get("distill")
+            or {k: v for k, v in (training or {}).items() if k in ("init", "gts", "csd")}
+        ),
+        "method": cfg.distill.method,
     }
 
 
-def _student_class(folder: Path, kind: str) -> type:
-    """The student class of the teacher family ``kind``, checked against a ``save_pretrained`` folder's config."""
-    from distilled_decoding.teachers import get_family
-
-    cls = get_family(kind).student_class
+def _student_class(folder: Path, cls: type) -> type:
+    """``cls`` (the student class of this job's method and teacher family), checked against a ``save_pretrained``
+    folder's config."""
     name = json.loads((folder / "config.json").read_text()).get("_class_name")
     if name != cls.__name__:
-        raise ValueError(f"{folder}: config.json holds a {name!r}, not the {kind!r} family's student {cls.__name__}")
+        raise ValueError(f"{folder}: config.json holds a {name!r}, not the {cls.__name__} this job's distill.method "
+                         "and teacher make (a student of another method or family?)")  # fmt: skip
     return cls

@@ -8,7 +8,9 @@ the teacher's sequence order. The pipeline, the evaluation table and the benchma
 * :class:`TeacherSampler` — the teacher's KV-cache decoding, through the flow map with the given noise (the mapping
   the student learned; its distribution is the teacher's) or ordinary multinomial sampling (``chooser``);
 * :class:`StudentSampler` — DD k-step: the student at t = 0, and at its timesteps (0, t₂) for 2 steps;
-* :class:`RefinedSampler` — teacher-refined: student step, the teacher regenerates steps T..t₂−1, student step;
+* :class:`RefinedSampler` — teacher-refined: student step, the teacher regenerates steps T..t₂−1, student step (none
+  when t₂ = N: the teacher finishes, DD2's Alg. 4);
+* :class:`ARDiffusionSampler` — a DD2 AR-diffusion model (the GTS model): a few Euler steps per token;
 * :class:`OneStepStar` — every token drawn independently from its per-position, per-condition marginal (the best a
   one-step set predictor that ignores the joint can do; DD paper's onestep*);
 * :class:`SkipN` — the teacher's first steps, then its last ``n`` steps in one parallel step (one teacher forward
@@ -40,6 +42,7 @@ __all__ = [
     "TeacherSampler",
     "StudentSampler",
     "RefinedSampler",
+    "ARDiffusionSampler",
     "OneStepStar",
     "SkipN",
     "Reordered",
@@ -107,15 +110,16 @@ class StudentSampler:
     def __post_init__(self) -> None:
         n = len(self.student.config.timesteps)
         if isinstance(self.num_steps, bool) or self.num_steps not in (1, n):
+            supported = "1 step" if n == 1 else f"1 or {n} steps"
             raise ValueError(
-                f"steps={self.num_steps!r}: this student supports 1 or {n} steps (timesteps "
+                f"steps={self.num_steps!r}: this student supports {supported} (timesteps "
                 f"{list(self.student.config.timesteps)}); for more, use teacher refinement (teacher=..., "
                 "teacher_tokens=(T, t2))"
             )
 
     @property
     def name(self) -> str:
-        return f"DD {self.num_steps}-step"
+        return f"{self.student.method_name} {self.num_steps}-step"
 
     @property
     def steps(self) -> int:
@@ -127,18 +131,19 @@ class StudentSampler:
         return self.student.sample(noise, condition, timesteps[:1] if self.num_steps == 1 else timesteps)
 
 
-def refined_steps(teacher_tokens: tuple[int, int]) -> int:
+def refined_steps(teacher_tokens: tuple[int, int], num_steps: int | None = None) -> int:
     """Sequential calls of teacher-refined sampling (T, t₂): a student step (when T > 0), t₂ − T teacher steps, a
-    final student step."""
+    final student step (none when t₂ = ``num_steps``, the teacher's last step)."""
     start, t2 = teacher_tokens
-    return (1 if start > 0 else 0) + (t2 - start) + 1
+    return (1 if start > 0 else 0) + (t2 - start) + (0 if t2 == num_steps else 1)
 
 
 @dataclass
 class RefinedSampler:
     """Teacher-refined sampling ``teacher_tokens=(T, t₂)`` (in decoding steps; t₂ one of the student's trained
-    timesteps): a student step at t = 0 gives the first T steps' tokens, the teacher regenerates steps T..t₂−1 (through
-    the flow map with the same noise, or multinomial with ``generator``), and a student step at t₂ finishes."""
+    timesteps, or N): a student step at t = 0 gives the first T steps' tokens, the teacher regenerates steps T..t₂−1
+    (through the flow map with the same noise, or multinomial with ``generator``), and a student step at t₂ finishes
+    (with t₂ = N the teacher finishes: DD2's Alg. 4, for any student)."""
 
     student: Any
     teacher: Any
@@ -154,10 +159,11 @@ class RefinedSampler:
         if not isinstance(tt, (tuple, list)) or len(tt) != 2 or any(isinstance(v, bool) or not isinstance(v, int)
                                                                      for v in tt):  # fmt: skip
             raise TypeError(f"teacher_tokens={self.teacher_tokens!r}: expected a pair of ints (T, t2)")
-        if tt[1] not in timesteps[1:] or not 0 <= tt[0] <= tt[1]:
+        n = self.student.num_steps
+        if tt[1] not in [*timesteps[1:], n] or not 0 <= tt[0] <= tt[1] or (tt[0] == n):
             raise ValueError(
                 f"teacher_tokens={self.teacher_tokens!r}: expected (T, t2) with t2 one of the student's trained "
-                f"timesteps {timesteps[1:]} and 0 <= T <= t2"
+                f"timesteps {timesteps[1:]} or {n} (the teacher finishes), and 0 <= T <= t2, T < {n}"
             )
         self.teacher_tokens = (int(tt[0]), int(tt[1]))
         if self.chooser not in ("flow", "random", "multinomial"):
@@ -165,11 +171,11 @@ class RefinedSampler:
 
     @property
     def name(self) -> str:
-        return f"DD refined ({self.teacher_tokens[0]}-{self.teacher_tokens[1]})"
+        return f"{self.student.method_name} refined ({self.teacher_tokens[0]}-{self.teacher_tokens[1]})"
 
     @property
     def steps(self) -> int:
-        return refined_steps(self.teacher_tokens)
+        return refined_steps(self.teacher_tokens, self.student.num_steps)
 
     @torch.no_grad()
     def __call__(self, noise: Tensor, condition: Any) -> tuple[Tensor, Tensor]:
@@ -184,9 +190,32 @@ class RefinedSampler:
         chooser = _chooser(self.chooser, noise, student.codebook, self.flow, self.generator)
         head = sample_tokens(self.teacher, condition, chooser=chooser, prefix=prefix, stop=p2, order="sequence",
                              **self.sampling)  # fmt: skip
+        if t2 == student.num_steps:  # the teacher finished the sequence
+            return student.codebook[head], head
         x = torch.cat([student.codebook[head], noise[:, p2:]], dim=1)
         t = torch.full((b,), t2, dtype=torch.long, device=noise.device)
         return student.predict(perturb(x, student.data_positions(t), noise), condition, t)
+
+
+@dataclass
+class ARDiffusionSampler:
+    """A DD2 AR-diffusion model (:class:`~distilled_decoding.students.dd2.ARDiffusion`, e.g. the GTS model) sampled
+    token by token with ``euler_steps`` Euler steps each from the token's own noise (DD2 App. B.3)."""
+
+    model: Any
+    euler_steps: int = 10
+
+    @property
+    def name(self) -> str:
+        return f"GTS model ({self.euler_steps}-step Euler)"
+
+    @property
+    def steps(self) -> int:
+        return self.model.seq_len
+
+    @torch.no_grad()
+    def __call__(self, noise: Tensor, condition: Any) -> tuple[Tensor, Tensor]:
+        return self.model.sample(noise, condition, self.euler_steps)
 
 
 @dataclass

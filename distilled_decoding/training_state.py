@@ -52,8 +52,8 @@ TRAINING_JSON = "training.json"
 COMPLETE = "COMPLETE"
 STATE_FORMAT = 1
 #: DistillConfig fields that do not change the trained weights (paths, logging, checkpoint cadence, samples)
-NON_SEMANTIC = ("trajectories", "output_dir", "progress", "log_every", "log_with", "num_workers", "save_every",
-                "keep_last", "sample_every", "sample_count")  # fmt: skip
+NON_SEMANTIC = ("trajectories", "output_dir", "method", "progress", "log_every", "log_with", "num_workers",
+                "save_every", "keep_last", "sample_every", "sample_count")  # fmt: skip
 
 
 class TrainingStateError(ValueError):
@@ -249,6 +249,10 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _unwrapped(acc: Any, obj: Any) -> Any:
+    return acc.unwrap_model(obj) if isinstance(obj, torch.nn.Module) else obj
+
+
 class CheckpointStore:
     """``root/checkpoint_<n>`` folders: save, find the newest complete one, load it, keep the last ``keep_last``.
 
@@ -283,7 +287,10 @@ class CheckpointStore:
             if self.PARTIAL.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
 
-    def save(self, acc: Any, *, model: Any, optimizer: Any, scheduler: Any, ema: Any, counter: Any) -> Path:
+    def save(self, acc: Any, *, model: Any, optimizer: Any, scheduler: Any, ema: Any, counter: Any,
+             extra: Mapping[str, Any] | None = None) -> Path:  # fmt: skip
+        """Write a checkpoint (every process calls it). ``extra``: more named states (objects with ``state_dict`` /
+        ``load_state_dict``; modules are unwrapped), e.g. a second network and its optimizer."""
         numbered = self._numbered()  # numbered past every checkpoint_<n>, complete or not: nothing is overwritten
         n = numbered[-1][0] + 1 if numbered else 0
         final = self.root / f"checkpoint_{n}"
@@ -299,6 +306,8 @@ class CheckpointStore:
             files += save_tree(part, "optimizer", optimizer.state_dict())
             files += save_tree(part, "scheduler", scheduler.state_dict())
             files += save_tree(part, "ema", ema.state_dict())
+            for name, obj in (extra or {}).items():
+                files += save_tree(part, f"extra_{name}", _unwrapped(acc, obj).state_dict())
             if acc.scaler is not None:
                 files += save_tree(part, "scaler", acc.scaler.state_dict())
             state = {"format": STATE_FORMAT, "step": counter.step, "micro": counter.micro,
@@ -343,15 +352,21 @@ class CheckpointStore:
         return {"files": files, "state": state}
 
     def load(self, folder: Path, acc: Any, *, model: Any, optimizer: Any, scheduler: Any, ema: Any,
-             counter: Any) -> None:  # fmt: skip
+             counter: Any, extra: Mapping[str, Any] | None = None) -> None:  # fmt: skip
         """Restore every state from ``folder`` (JSON + safetensors only; checksums verified first)."""
         info = self._verify(folder)
+        for name in extra or {}:
+            if f"extra_{name}.json" not in info["files"]:
+                raise TrainingStateError(f"{folder}: incomplete checkpoint, extra_{name}.json is not listed in "
+                                         f"{COMPLETE}")  # fmt: skip
         state = info["state"]
         acc.unwrap_model(model).load_state_dict(load_tree(folder, "model"))
         optimizer.load_state_dict(load_tree(folder, "optimizer"))
         scheduler.load_state_dict(load_tree(folder, "scheduler"))
         ema.load_state_dict(load_tree(folder, "ema"))
         ema.to(acc.device)
+        for name, obj in (extra or {}).items():
+            _unwrapped(acc, obj).load_state_dict(load_tree(folder, f"extra_{name}"))
         if acc.scaler is not None and "scaler.json" in info["files"]:
             acc.scaler.load_state_dict(load_tree(folder, "scaler"))
         rng = f"rng_{acc.process_index}"

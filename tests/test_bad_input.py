@@ -636,6 +636,13 @@ RECIPE = {
     "section scalar": (["distill=5"], r"^distill: expected a mapping of DistillConfig fields"),
     "no equals": (["distill.lr"], r"^override 'distill\.lr': expected section\.key=value"),
     "output_dir list": (["output_dir=[a]"], r"^output_dir=\['a'\]: expected a string"),
+    "method": (["distill.method=dd3"], r"^distill\.method='dd3': expected one of \['dd1', 'dd2'\]"),
+    "dd2 init": (["dd2.init=random"], r"^dd2\.init='random': expected 'gts' or 'teacher'"),
+    "dd2 csd lr": (["dd2.csd.lr_generator=0"], r"^dd2\.csd\.lr_generator=0\.0: expected a number > 0"),
+    "dd2 align_at": (["dd2.csd.align_at=1000"], r"^dd2\.csd\.align_at=1000: expected null or an iteration"),
+    "dd2 sampling": (["dd2.gts.sampling={cfg: 2}"], r"^dd2\.gts\.sampling: unknown key\(s\) \['cfg'\]"),
+    "dd2 sampling set": (["dd2.csd.sampling={cfg_scale: 3}"], r"^dd2\.csd\.sampling=\{'cfg_scale': 3\}: expected \{\}"),
+    "dd2 head": (["dd2.gts.head_base=linear"], r"^dd2\.gts\.head_base='linear': expected one of"),
 }
 
 

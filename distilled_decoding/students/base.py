@@ -28,6 +28,7 @@ from torch import Tensor
 
 __all__ = [
     "FewStepStudent",
+    "check_saved_class",
     "perturb",
     "nearest_codes",
     "group_attention_mask",
@@ -104,6 +105,25 @@ def resolve_schedule(
     return validate_schedule(ts, split, num_steps)
 
 
+def check_saved_class(path: Any, cls: type, subfolder: str | None = None) -> None:
+    """ValueError naming the file when a local ``save_pretrained`` folder holds another model class than ``cls`` (e.g.
+    a DD2 generator where a DD student is expected); Hub ids and folders without a config are left to diffusers."""
+    import json
+    import os
+    from pathlib import Path
+
+    if not isinstance(path, (str, os.PathLike)):
+        return
+    config = Path(path) / (subfolder or "") / "config.json"
+    try:
+        name = json.loads(config.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return
+    if name is not None and name != cls.__name__:
+        raise ValueError(f"{config}: holds a {name}, not a {cls.__name__}; load it with {name}.from_pretrained (or "
+                         "DistilledDecodingPipeline, which picks the class from model_index.json)")  # fmt: skip
+
+
 class FewStepStudent:
     """Schedule, checks, prediction and sampling shared by every student flavour (see the module docstring)."""
 
@@ -113,6 +133,15 @@ class FewStepStudent:
     condition: Any
     #: tokenizer-grid index of each sequence position (None: the teacher decodes in the tokenizer's order)
     token_order: Tensor | None = None
+    #: the method's name in sampler rows ("DD 1-step", "DD2 1-step", ...)
+    method_name: str = "DD"
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """diffusers' ``from_pretrained``, after checking that a local folder holds this class
+        (:func:`check_saved_class`)."""
+        check_saved_class(pretrained_model_name_or_path, cls, kwargs.get("subfolder"))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)  # type: ignore[misc]
 
     # -- schedule -------------------------------------------------------------------------------------------
     @property

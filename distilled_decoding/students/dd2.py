@@ -1,0 +1,426 @@
+"""Distilled Decoding 2 networks (LlamaGen teachers): the teacher as an AR-diffusion model, and the one-step generator.
+
+:class:`ARDiffusion` — the GTS model and the guidance ("fake score") network: the teacher's backbone with
+
+* continuous inputs: ``tok_embeddings`` = :class:`ContinuousInput`, ``Linear(D, dim)`` fitted by least squares so
+  that it maps each codebook vector c_j close to the teacher's embedding of token j, plus a residual MLP
+  ``D → input_hidden → dim`` fitted (random features, ridge) to what the linear map misses — DD2's continuous-input
+  adaptation, in closed form;
+* its classification head replaced by :class:`DiffusionHead`, a MAR-style MLP (AdaLN residual blocks) conditioned on
+  the transformer feature f_i, the noisy token x_t^i and t.
+
+Shapes: the transformer reads ``[class, x_1 .. x_{N−1}]`` (B, N, D) and returns features f (B, N, dim): f_i depends
+on x_<i only (the teacher's shift). The head maps (f (..., dim), x_t (..., D), t (...)) to a velocity u (..., D), and
+the denoiser is ``x̂0 = base − t·u`` (velocity parameterisation) with ``base = x_t`` (``head_base="none"``) or, with
+``head_base="posterior"``, the closed-form posterior mean under a copy of the teacher's logits head ℓ(f_i)
+(:func:`~distilled_decoding.flow.posterior_mean`): a categorical's exact denoiser plus an MLP correction.
+
+:class:`DD2Generator` — the same network as a one-step generator (a :class:`~distilled_decoding.students.base.
+FewStepStudent` with timesteps (0,)): the transformer reads the noise sequence (shifted: f_i depends on ε_<i, scaled
+by ``noise_scale``), the head reads ε_i at t = ``generator_t``: ``x_i = x̂0(f_i, ε_i, t)`` (DD2's x = ε − v at t = 1);
+the token is the nearest codebook vector.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.models.modeling_utils import ModelMixin
+from torch import Tensor, nn
+
+from distilled_decoding.conditions import ClassCondition
+from distilled_decoding.flow import posterior_mean
+from distilled_decoding.model_config import config_fields, config_init
+from distilled_decoding.provenance import teacher_fingerprint
+from distilled_decoding.students.base import FewStepStudent, check_saved_class, nearest_codes
+from distilled_decoding.students.llamagen import backbone_fields
+from distilled_decoding.teachers.llamagen_config import LlamaGenBackbone, LlamaGenConfig
+from distilled_decoding.teachers.llamagen_layers import (
+    LabelEmbedder,
+    RMSNorm,
+    TransformerBlock,
+    precompute_freqs_cis_2d,
+)
+
+__all__ = [
+    "HEAD_BASES",
+    "ARDiffusion",
+    "ARDiffusionConfig",
+    "ContinuousInput",
+    "DD2Generator",
+    "DD2GeneratorConfig",
+    "DiffusionHead",
+    "check_made_from",
+]
+
+HEAD_BASES = ("none", "posterior")
+
+
+@dataclass
+class ARDiffusionConfig(LlamaGenBackbone):
+    """The teacher's backbone fields, ``codebook_dim`` D, ``input_hidden`` (residual input MLP width; 0 = the
+    least-squares Linear alone), ``head_width`` / ``head_depth`` (MLP head), ``head_base`` ("none" or "posterior"),
+    ``teacher_sha256`` (the weights of the teacher it was made from, checked by the trainers and the pipeline)."""
+
+    codebook_dim: int = 8
+    input_hidden: int = 512
+    head_width: int = 256
+    head_depth: int = 3
+    head_base: str = "posterior"
+    teacher_sha256: str = ""
+
+    def validate(self) -> None:
+        req = self.require
+        req(self.model_type == "c2i", "model_type", self.model_type,
+            "'c2i' (DD2 is implemented for class-conditional LlamaGen teachers)")  # fmt: skip
+        for name in ("codebook_dim", "head_width", "head_depth"):
+            req(getattr(self, name) >= 1, name, getattr(self, name), "an int >= 1")
+        req(self.input_hidden >= 0, "input_hidden", self.input_hidden, "an int >= 0")
+        req(self.head_base in HEAD_BASES, "head_base", self.head_base, f"one of {HEAD_BASES}")
+
+    def backbone(self) -> LlamaGenConfig:
+        """The LlamaGen configuration of the transformer, without dropout."""
+        return LlamaGenConfig(**backbone_fields(self), token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0,
+                              class_dropout_prob=0.0)  # fmt: skip
+
+
+@dataclass
+class DD2GeneratorConfig(ARDiffusionConfig):
+    """:class:`ARDiffusionConfig` plus ``noise_scale`` (the transformer reads ``noise_scale · ε``; None = 1/√D, the
+    unit-norm codebook's per-dimension scale, where the continuous input was fitted) and ``generator_t`` (the time at
+    which the head reads ε_i; 1 = DD2's x = ε − v; with the posterior head a smaller t makes the base a soft arg-max
+    sampler ``softmax(ℓ + (1 − t)/t² ε·c)``). ``timesteps`` is fixed by the one-step design: (0,) (every token is
+    the nearest code of the generated vector)."""
+
+    noise_scale: float | None = None
+    generator_t: float = 1.0
+    timesteps: tuple[int, ...] = (0,)
+
+    def validate(self) -> None:
+        super().validate()
+        req = self.require
+        req(0.0 < self.generator_t <= 1.0, "generator_t", self.generator_t, "a number in (0, 1]")
+        req(self.noise_scale is None or self.noise_scale > 0, "noise_scale", self.noise_scale, "null or > 0")
+        req(tuple(self.timesteps) == (0,), "timesteps", self.timesteps, "(0,) (a DD2 generator samples in one step)")
+
+
+class ContinuousInput(nn.Module):
+    """Reads D-dimensional token vectors: ``linear(x) + mlp(x)`` (x (..., D) → (..., dim)); no MLP when hidden=0."""
+
+    def __init__(self, d: int, dim: int, hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(d, dim)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.SiLU(), nn.Linear(hidden, dim)) if hidden > 0 else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.to(self.linear.weight.dtype)
+        return self.linear(x) if self.mlp is None else self.linear(x) + self.mlp(x)
+
+    @torch.no_grad()
+    def fit(
+        self, codebook: Tensor, embeddings: Tensor, scale: float = 3.0, ridge: float = 1e-4, seed: int = 0
+    ) -> float:
+        """Fit to the teacher's token table in closed form: least squares for ``linear``; then the MLP's first layer
+        random (weights N(0, scale²), biases N(0, scale²/4), seeded) and its second layer the ridge solution (float64)
+        for the residual. codebook (V, D), embeddings (V, dim). Returns ‖fit − emb‖ / ‖emb‖ (Frobenius)."""
+        cb, emb = codebook.detach().double().cpu(), embeddings.detach().double().cpu()
+        design = torch.cat([cb, torch.ones(cb.shape[0], 1, dtype=cb.dtype)], 1)
+        sol = torch.linalg.lstsq(design, emb).solution  # (D + 1, dim)
+        res = emb - design @ sol
+        self.linear.weight.copy_(sol[:-1].T)
+        self.linear.bias.copy_(sol[-1])
+        if self.mlp is not None:
+            first, last = self.mlp[0], self.mlp[2]
+            g = torch.Generator().manual_seed(seed)
+            w = torch.randn(first.out_features, first.in_features, generator=g, dtype=torch.float64) * scale
+            b = torch.randn(first.out_features, generator=g, dtype=torch.float64) * (scale / 2)
+            h = torch.nn.functional.silu(cb @ w.T + b)  # (V, hidden)
+            w2 = torch.linalg.solve(h.T @ h + ridge * torch.eye(h.shape[1], dtype=h.dtype), h.T @ res)
+            first.weight.copy_(w)
+            first.bias.copy_(b)
+            last.weight.copy_(w2.T)
+            last.bias.zero_()
+        fit = self(codebook.detach().to(self.linear.weight)).double().cpu()
+        return float((fit - emb).norm() / emb.norm())
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of 1000·t: t (...) → (..., dim) float32 (MAR / DiT)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = (1000.0 * t.float()).unsqueeze(-1) * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class AdaLNResBlock(nn.Module):
+    """MAR ResBlock: LayerNorm → AdaLN (shift, scale) → Linear–SiLU–Linear → gated residual. x, c (..., width)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.in_ln = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale, gate = self.ada(c).chunk(3, dim=-1)
+        return x + gate * self.mlp(self.in_ln(x) * (1 + scale) + shift)
+
+
+class DiffusionHead(nn.Module):
+    """MAR-style denoising MLP: (f (..., dim), x_t (..., D), t (...)) → u (..., D). ``f`` may have size-1 dims that
+    broadcast over several noise draws. AdaLN modulations and the output layer start at zero (u = 0)."""
+
+    def __init__(self, dim: int, d: int, width: int, depth: int, freq_dim: int = 128):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.time_embed = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.cond_embed = nn.Linear(dim, width)
+        self.input_proj = nn.Linear(d, width)
+        self.blocks = nn.ModuleList(AdaLNResBlock(width) for _ in range(depth))
+        self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.final = nn.Linear(width, d)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Xavier-uniform Linear weights (MAR), zero biases, zero AdaLN modulations and output layer."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                bound = math.sqrt(6.0 / (m.in_features + m.out_features))
+                m.weight.uniform_(-bound, bound, generator=generator)
+                m.bias.zero_()
+        for m in [blk.ada[-1] for blk in self.blocks] + [self.final_ada[-1], self.final]:
+            m.weight.zero_()
+            m.bias.zero_()
+
+    def forward(self, f: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        c = self.cond_embed(f) + self.time_embed(timestep_embedding(t, self.freq_dim).to(f.dtype))
+        h = self.input_proj(x.to(f.dtype))
+        for blk in self.blocks:
+            h = blk(h, c)
+        shift, scale = self.final_ada(c).chunk(2, dim=-1)
+        return self.final(self.final_norm(h) * (1 + scale) + shift)
+
+
+class _Network:
+    """What :class:`ARDiffusion` and :class:`DD2Generator` share: modules, features, denoiser, properties."""
+
+    family: ClassVar[str] = "llamagen"
+    codebook: Tensor
+
+    def build(self, cfg: ARDiffusionConfig) -> None:
+        a = self.args = cfg.backbone()
+        self.cls_embedding = LabelEmbedder(a.num_classes, a.dim, 0.0)
+        self.tok_embeddings = ContinuousInput(cfg.codebook_dim, a.dim, cfg.input_hidden)
+        self.layers = nn.ModuleList(TransformerBlock(a, 0.0) for _ in range(a.n_layer))
+        self.norm = RMSNorm(a.dim, eps=a.norm_eps)
+        self.output = nn.Linear(a.dim, a.vocab_size, bias=False) if cfg.head_base == "posterior" else None
+        self.head = DiffusionHead(a.dim, cfg.codebook_dim, cfg.head_width, cfg.head_depth)
+        self.register_buffer("codebook", torch.zeros(a.vocab_size, cfg.codebook_dim))
+        self.starts = list(range(a.block_size + 1))
+        self._freqs: Tensor | None = None
+        if not self.norm.weight.is_meta:
+            self.head.reset_parameters()
+
+    @property
+    def freqs_cis(self) -> Tensor:
+        device = self.norm.weight.device
+        if self._freqs is None or self._freqs.device != device:
+            a = self.args
+            self._freqs = precompute_freqs_cis_2d(a.grid_size, a.head_dim, a.rope_base, 1).to(device)
+        return self._freqs
+
+    @property
+    def condition(self) -> ClassCondition:
+        return ClassCondition(self.args.num_classes)
+
+    @property
+    def num_classes(self) -> int:
+        return self.args.num_classes
+
+    @property
+    def seq_len(self) -> int:
+        return self.args.block_size
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        return (self.args.grid_size, self.args.grid_size)
+
+    def features(self, x: Tensor, class_labels: Tensor) -> Tensor:
+        """x (B, N, D) token vectors (clean codes, or scaled noise for the generator), class_labels (B,) → features
+        (B, N, dim): the transformer over ``[class, x_1 .. x_{N−1}]``, final norm applied; f_i depends on x_<i."""
+        n = x.shape[1]
+        h = torch.cat([self.cls_embedding.embed(class_labels), self.tok_embeddings(x[:, : n - 1])], dim=1)
+        freqs = self.freqs_cis[:n]
+        for layer in self.layers:
+            h = layer(h, freqs)
+        return self.norm(h)
+
+    def denoise(self, f: Tensor, x_t: Tensor, t: Tensor | float) -> Tensor:
+        """x̂0 (..., D) float32 of noisy tokens x_t (..., D) at t (broadcastable to x_t.shape[:-1]) given features
+        f (..., dim) (size-1 dims broadcast over draws): ``base − t·u`` (see the module docstring)."""
+        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[:-1])
+        u = self.head(f, x_t, t).float()
+        base = x_t.float() if self.output is None else posterior_mean(x_t, t, self.output(f).float(), self.codebook)
+        return base - t.unsqueeze(-1) * u
+
+    def copy_teacher(self, teacher: Any, codebook: Tensor, input_scale: float, seed: int) -> float:
+        """Copy the teacher's conditional class rows, layers, final norm (and logits head for the posterior base);
+        fit the continuous input; a fresh head seeded by ``seed``. Returns the input fit's relative error."""
+        a = self.args
+        self.head.reset_parameters(torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            self.cls_embedding.embedding_table.weight.copy_(
+                teacher.cls_embedding.embedding_table.weight[: a.num_classes]
+            )
+            self.layers.load_state_dict(teacher.layers.state_dict())
+            self.norm.load_state_dict(teacher.norm.state_dict())
+            if self.output is not None:
+                self.output.load_state_dict(teacher.output.state_dict())
+            self.codebook.copy_(codebook)
+        return self.tok_embeddings.fit(codebook, teacher.tok_embeddings.weight, input_scale, seed=seed)
+
+
+class ARDiffusion(_Network, ModelMixin, ConfigMixin):
+    """The teacher as an AR-diffusion model (GTS model, guidance network); see the module docstring.
+    ``model(x_prefix (B, N, D), class_labels (B,), x_t (B, N, m, D), t (B, N, m))`` → x̂0 (B, N, m, D)."""
+
+    @config_init(ARDiffusionConfig)
+    def __init__(self, cfg: ARDiffusionConfig):
+        super().__init__()
+        self.build(cfg)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> ARDiffusion:
+        """diffusers' ``from_pretrained`` after :func:`~distilled_decoding.students.base.check_saved_class`."""
+        check_saved_class(pretrained_model_name_or_path, cls, kwargs.get("subfolder"))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
+    def from_teacher(
+        cls,
+        teacher: Any,
+        codebook: Tensor,
+        *,
+        input_hidden: int = 512,
+        input_scale: float = 3.0,
+        head_width: int = 256,
+        head_depth: int = 3,
+        head_base: str = "posterior",
+        seed: int = 0,
+    ) -> ARDiffusion:
+        """An AR-diffusion model made from the class-conditional LlamaGen ``teacher`` for the tokenizer ``codebook``
+        (V, D) (the vectors the teacher's tokens decode from): class rows, layers, final norm (and logits head)
+        copied, continuous input fitted, fresh head. TypeError / ValueError naming the argument otherwise."""
+        from distilled_decoding.teachers.llamagen import LlamaGen
+
+        if not isinstance(teacher, LlamaGen):
+            raise TypeError(f"teacher: DD2 needs a LlamaGen teacher, got {type(teacher).__name__}")
+        a = teacher.args
+        if not isinstance(codebook, Tensor) or codebook.ndim != 2 or codebook.shape[0] != a.vocab_size:
+            got = tuple(codebook.shape) if isinstance(codebook, Tensor) else type(codebook).__name__
+            raise ValueError(f"codebook: expected ({a.vocab_size}, D) for this teacher, got {got}")
+        model = cls(**backbone_fields(a), codebook_dim=int(codebook.shape[1]), input_hidden=input_hidden,
+                    head_width=head_width, head_depth=head_depth, head_base=head_base,
+                    teacher_sha256=teacher_fingerprint(teacher, codebook)["weights_sha256"])  # fmt: skip
+        model.input_fit_error = model.copy_teacher(teacher, codebook.detach().float().cpu(), input_scale, seed)
+        return model.to(teacher.output.weight.device)
+
+    def forward(self, x_prefix: Tensor, class_labels: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """x̂0 of x_t (B, N, m, D) at t (B, N, m) given the clean sequence x_prefix (B, N, D); the m noise draws of a
+        position share one transformer pass → (B, N, m, D)."""
+        return self.denoise(self.features(x_prefix, class_labels).unsqueeze(2), x_t, t)
+
+    @torch.no_grad()
+    def sample(self, noise: Tensor, class_labels: Tensor, steps: int = 10) -> tuple[Tensor, Tensor]:
+        """Autoregressive sampling (DD2 App. B.3): each token from its noise ε_i (noise (B, N, D)) by ``steps`` Euler
+        steps of dx/dt = (x − x̂0)/t on the uniform grid 1 → 0 (the last lands on x̂0), snapped to the nearest code,
+        which is fed back through a KV cache. → (code vectors (B, N, D), tokens (B, N) long)."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps={steps!r}: expected an integer >= 1")
+        FewStepStudent.check_noise(self, noise)
+        class_labels = self.condition.check(class_labels, noise.shape[0])
+        b, n, _ = noise.shape
+        a, p = self.args, self.norm.weight
+        cache = [tuple(torch.zeros(b, a.kv_heads, n, a.head_dim, dtype=p.dtype, device=p.device) for _ in range(2))
+                 for _ in self.layers]  # fmt: skip
+        tokens = torch.empty(b, n, dtype=torch.long, device=noise.device)
+        f = self._cached(cache, self.cls_embedding.embed(class_labels), 0)[:, -1]
+        grid = [1.0 - k / steps for k in range(steps)] + [0.0]
+        for i in range(n):
+            x = noise[:, i].float()
+            for t, s in zip(grid[:-1], grid[1:]):
+                x0 = self.denoise(f, x, t)
+                x = x0 if s == 0.0 else x + (x0 - x) * ((t - s) / t)
+            tokens[:, i] = nearest_codes(x, self.codebook)
+            if i + 1 < n:
+                f = self._cached(cache, self.tok_embeddings(self.codebook[tokens[:, i : i + 1]]), i + 1)[:, -1]
+        return self.codebook[tokens], tokens
+
+    def _cached(self, cache: list, h: Tensor, start: int) -> Tensor:
+        freqs = self.freqs_cis[start : start + h.shape[1]]
+        for layer, kv in zip(self.layers, cache):
+            h = layer(h, freqs, kv, start)
+        return self.norm(h)
+
+
+class DD2Generator(_Network, FewStepStudent, ModelMixin, ConfigMixin):
+    """The DD2 one-step generator: ``generator(noise (B, N, D), class_labels (B,))`` → continuous x (B, N, D) float32
+    (differentiable, for training). As a student (pipeline, samplers) it has no logits head: :meth:`predict` returns
+    the nearest codes of x, from pure noise only (t = 0); ``sample(noise, labels)`` → (codes, tokens)."""
+
+    method_name = "DD2"
+
+    @config_init(DD2GeneratorConfig)
+    def __init__(self, cfg: DD2GeneratorConfig):
+        super().__init__()
+        self.build(cfg)
+
+    @classmethod
+    def from_ar_diffusion(cls, model: ARDiffusion, **settings: Any) -> DD2Generator:
+        """A generator with ``model``'s weights; ``settings``: ``noise_scale`` / ``generator_t``."""
+        if not isinstance(model, ARDiffusion):
+            raise TypeError(f"model: expected an ARDiffusion (the GTS model), got {type(model).__name__}")
+        unknown = sorted(set(settings) - {"noise_scale", "generator_t"})
+        if unknown:
+            raise ValueError(f"unknown generator setting(s) {unknown}; expected noise_scale, generator_t")
+        gen = cls(**{k: model.config[k] for k in config_fields(ARDiffusionConfig)}, **settings)
+        gen.load_state_dict(model.state_dict())
+        return gen.to(model.codebook.device)
+
+    @property
+    def split_position(self) -> int:
+        """Every position's vector is the code of its token (the nearest code of the generated vector)."""
+        return self.seq_len
+
+    def forward(self, noise: Tensor, class_labels: Tensor) -> Tensor:
+        """noise (B, N, D), class_labels (B,) → x (B, N, D) float32: continuous, differentiable (training)."""
+        s = self.config.noise_scale
+        s = self.config.codebook_dim**-0.5 if s is None else float(s)
+        noise = noise.to(self.codebook.dtype)
+        return self.denoise(self.features(noise * s, class_labels), noise, float(self.config.generator_t))
+
+    @torch.no_grad()
+    def predict(self, x_t: Tensor, condition: Any, t: Tensor) -> tuple[Tensor, Tensor]:
+        """The student step (see :meth:`FewStepStudent.predict`): only from pure noise (t = 0); tokens are the
+        nearest codes of the generated vectors → (their codes (B, N, D), tokens (B, N))."""
+        if bool((t != 0).any()):
+            raise ValueError(f"t: a DD2 generator samples from pure noise only (t = 0), got {t.tolist()}")
+        tokens = nearest_codes(self(x_t, condition), self.codebook)
+        return self.codebook[tokens], tokens
+
+
+def check_made_from(model: Any, teacher: Any, codebook: Tensor, what: str) -> None:
+    """ValueError when ``teacher`` (with ``codebook``) is not the teacher ``model`` was initialised from (the weights
+    sha256 in its config)."""
+    want = model.config.teacher_sha256
+    got = teacher_fingerprint(teacher, codebook)["weights_sha256"]
+    if want and want != got:
+        raise ValueError(
+            f"teacher: its weights (sha256 {got[:12]}) are not those of the teacher the {what} was initialised from "
+            f"(sha256 {want[:12]})"
+        )
