@@ -48,8 +48,7 @@ def _codebook(v: int, d: int, seed: int) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def teacher():
     gpt = randomize_(LlamaGen(**TINY_GPT), seed=5).eval()
-    cb = torch.nn.functional.normalize(VQTokenizer(**TINY_VQ).codebook.detach(), dim=-1)
-    return gpt, cb
+    return gpt, _codebook(64, 8, 11)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -196,7 +195,7 @@ def test_csd_loss_vanishes_when_the_guidance_is_the_teacher(teacher):
     gen.zero_grad()
     same = csd_generator_loss(gen, guide, TeacherScore(gpt, cb), noise, labels, t, eps)
     same["total"].backward()
-    assert abs(float(same["total"])) < 1e-6 and float(same["div"]) < 1e-9
+    assert abs(float(same["total"].detach())) < 1e-6 and float(same["div"]) < 1e-9
     assert max(float(p.grad.abs().max()) for p in gen.parameters() if p.grad is not None) < 0.01 * big
     assert all(p.grad is None for p in guide.parameters()) and all(p.requires_grad for p in guide.parameters())
     with torch.no_grad():
@@ -350,29 +349,33 @@ def test_two_processes_train_the_same_dd2_model(tmp_path):
         assert diff < 1e-5, (part, diff)
 
 
-def test_tiny_csd_run_moves_the_generator_to_the_teacher(teacher, tmp_path):
-    """From the teacher-made AR-diffusion model (posterior head), 30 CSD iterations: the generator's first token,
-    which starts as the posterior mean (one code for every noise), spreads toward the teacher's p_0 — the total
-    variation between the generated first tokens (2,000 noises) and p_0 falls."""
-    gpt, cb = teacher
+def test_tiny_csd_runs_move_the_generator_to_the_teacher(teacher, tmp_path):
+    """From the teacher-made AR-diffusion model (posterior head), 30 CSD iterations on three codebooks: the
+    generator's first token, which starts as the posterior mean (nearly one code for every noise), spreads toward the
+    teacher's p_0 — the total variation between the generated first tokens (2,000 noises) and p_0 falls in every run,
+    by 0.15 on average."""
+    gpt, _ = teacher
     sampling = {"cfg_scale": 2.0}
-    init = _model(gpt, cb, "posterior")
+    drops = []
+    for seed in range(3):
+        cb = _codebook(64, 8, seed)
+        init = _model(gpt, cb, "posterior")
 
-    def tv_first(gen) -> float:
-        labels = torch.full((2000,), 3)
-        _, tok = gen.sample(torch.randn(2000, gpt.seq_len, 8, generator=torch.Generator().manual_seed(9)), labels)
-        p0 = teacher_logits(gpt, tok[:1], labels[:1], **sampling)[0, 0].softmax(-1)
-        hist = torch.bincount(tok[:, 0], minlength=gpt.vocab_size).float() / tok.shape[0]
-        return 0.5 * float((hist - p0).abs().sum())
+        def tv_first(gen, cb=cb) -> float:
+            labels = torch.full((2000,), 3)
+            _, tok = gen.sample(torch.randn(2000, gpt.seq_len, 8, generator=torch.Generator().manual_seed(9)), labels)
+            p0 = teacher_logits(gpt, tok[:1], labels[:1], **sampling)[0, 0].softmax(-1)
+            hist = torch.bincount(tok[:, 0], minlength=gpt.vocab_size).float() / tok.shape[0]
+            return 0.5 * float((hist - p0).abs().sum())
 
-    tv0 = tv_first(DD2Generator.from_ar_diffusion(init).eval())
-    cfg = CSDConfig(output_dir=str(tmp_path / "csd"), max_iters=30, guidance_steps=2, batch_size=16, save_every=0,
-                    warmup_guidance_steps=10, lr_generator=3e-4, lr_guidance=3e-4, progress=False,
-                    sampling=sampling)  # fmt: skip
-    gen, _, summary = train_csd(cfg, gpt, cb, init)
-    tv1 = tv_first(gen)
-    assert tv0 > 0.95 and tv1 < tv0 - 0.15, (tv0, tv1)
-    assert summary["steps"] == 30 and summary["guidance_updates"] == 60
+        tv0 = tv_first(DD2Generator.from_ar_diffusion(init).eval())
+        cfg = CSDConfig(output_dir=str(tmp_path / f"csd{seed}"), max_iters=30, guidance_steps=2, batch_size=16,
+                        save_every=0, warmup_guidance_steps=10, lr_generator=1e-3, lr_guidance=1e-3, progress=False,
+                        sampling=sampling)  # fmt: skip
+        gen, _, summary = train_csd(cfg, gpt, cb, init)
+        assert summary["steps"] == 30 and summary["guidance_updates"] == 60
+        drops.append(tv0 - tv_first(gen))
+    assert min(drops) > 0.05 and sum(drops) / 3 > 0.15, drops
 
 
 def test_another_teacher_and_bad_settings_are_refused(teacher, tmp_path):
@@ -415,7 +418,7 @@ def _tiny_job(saved_teacher, out: Path, *extra: str) -> list[str]:
 def saved_teacher(tmp_path_factory):
     root = tmp_path_factory.mktemp("dd2_teacher")
     gpt = randomize_(LlamaGen(**{**TINY_GPT, "class_dropout_prob": 0.1}), seed=5).eval()
-    vq = VQTokenizer(**TINY_VQ).eval()
+    vq = randomize_(VQTokenizer(**TINY_VQ), seed=3).eval()
     gpt.save_pretrained(root / "gpt")
     vq.save_pretrained(root / "vq")
     return str(root / "gpt"), str(root / "vq")
