@@ -8,8 +8,8 @@ images, classes ``arange % 10``, one noise tensor for every row):
 
 * ``--dd1`` (default ``runs/digits``): ``recipes/configs/digits_llamagen.yaml`` — the README's main job (DD1);
 * ``--dd2`` (default ``runs/digits_dd2``): ``recipes/configs/digits_dd2.yaml`` — GTS + CSD;
-* ``--nogts`` (default ``runs/digits_dd2_nogts``): the same with ``dd2.init=teacher`` (the ablation without GTS
-  initialisation).
+* ``--nogts`` (default ``runs/digits_dd2_nogts``): the same with ``dd2.init=teacher dd2.gts.head_base=none`` — the
+  ablation without GTS initialisation, as DD2's: the teacher made an AR-diffusion model with a fresh MLP head, untuned.
 
 Rows: the teacher (flow map and multinomial), DD1 1-/2-step and refined, the GTS model (10-step Euler per token),
 DD2 1-step and its two teacher-refined settings, the no-GTS ablation's 1-step row; each with FID / teacher FID, class
@@ -105,9 +105,9 @@ def main() -> None:
         from distilled_decoding.distributed import configure_threads
 
         configure_threads()
-        _job(CONFIGS / "digits_llamagen.yaml", dd1, [])
         _job(CONFIGS / "digits_dd2.yaml", dd2, list(args.overrides))
-        _job(CONFIGS / "digits_dd2.yaml", nogts, ["dd2.init=teacher", *args.overrides])
+        _job(CONFIGS / "digits_dd2.yaml", nogts, ["dd2.init=teacher", "dd2.gts.head_base=none", *args.overrides])
+        _job(CONFIGS / "digits_llamagen.yaml", dd1, [])
     rows = collect(dd1, dd2, nogts)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"jobs": {"dd1": str(dd1), "dd2": str(dd2), "nogts": str(nogts)},
