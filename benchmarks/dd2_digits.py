@@ -3,13 +3,15 @@
     python benchmarks/dd2_digits.py                      # runs the missing jobs, then collects the table
     python benchmarks/dd2_digits.py --collect-only       # the table from finished job folders
 
-Jobs (each the recipe, resumable, skipped when its evaluation exists; the evaluation seeds are the recipe's: 1,000
-images, classes ``arange % 10``, one noise tensor for every row):
+Jobs (each the recipe, resumable, skipped when its evaluation exists; all on the DD2 job's 8,000 trajectory pairs,
+which are the main job's exactly; the evaluation seeds are the recipe's: 1,000 images, classes ``arange % 10``, one
+noise tensor for every row):
 
 * ``--dd1`` (default ``runs/digits``): ``recipes/configs/digits_llamagen.yaml`` — the README's main job (DD1);
 * ``--dd2`` (default ``runs/digits_dd2``): ``recipes/configs/digits_dd2.yaml`` — GTS + CSD;
 * ``--nogts`` (default ``runs/digits_dd2_nogts``): the same with ``dd2.init=teacher dd2.gts.head_base=none`` — the
-  ablation without GTS initialisation, as DD2's: the teacher made an AR-diffusion model with a fresh MLP head, untuned.
+  ablation without GTS initialisation, as DD2's: the teacher made an AR-diffusion model with a fresh MLP head, untuned
+  (100 CSD iterations by default: ``--nogts-overrides``).
 
 Rows: the teacher (flow map and multinomial), DD1 1-/2-step and refined, the GTS model (10-step Euler per token),
 DD2 1-step and its two teacher-refined settings, the no-GTS ablation's 1-step row; each with FID / teacher FID, class
@@ -98,6 +100,8 @@ def main() -> None:
     p.add_argument("--nogts", default="runs/digits_dd2_nogts")
     p.add_argument("--collect-only", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dd2_digits.json"))
+    p.add_argument("--nogts-overrides", nargs="*", default=["dd2.csd.max_iters=100"],
+                   help="more overrides of the ablation job (default: 100 CSD iterations)")
     p.add_argument("overrides", nargs="*", help="section.field=value for the DD2 jobs (e.g. dd2.csd.max_iters=100)")
     args = p.parse_args()
     dd1, dd2, nogts = Path(args.dd1), Path(args.dd2), Path(args.nogts)
@@ -105,9 +109,11 @@ def main() -> None:
         from distilled_decoding.distributed import configure_threads
 
         configure_threads()
+        pairs = f"distill.trajectories={dd2 / 'trajectories'}"  # the same 8,000 pairs for every job
         _job(CONFIGS / "digits_dd2.yaml", dd2, list(args.overrides))
-        _job(CONFIGS / "digits_dd2.yaml", nogts, ["dd2.init=teacher", "dd2.gts.head_base=none", *args.overrides])
-        _job(CONFIGS / "digits_llamagen.yaml", dd1, [])
+        _job(CONFIGS / "digits_dd2.yaml", nogts, ["dd2.init=teacher", "dd2.gts.head_base=none", pairs,
+                                                  "stages=[train,save,evaluate]", *args.overrides, *args.nogts_overrides])
+        _job(CONFIGS / "digits_llamagen.yaml", dd1, [pairs, "stages=[train,save,evaluate]"])
     rows = collect(dd1, dd2, nogts)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"jobs": {"dd1": str(dd1), "dd2": str(dd2), "nogts": str(nogts)},

@@ -326,7 +326,7 @@ def evaluate_job(cfg: Any, teacher: Any, vq: Any) -> dict[str, Any]:
             labels = load_prompt_labels(ec.prompts, ec.label_column, ec.prompt_delimiter)
         probs, skip = None, ()
     else:
-        ds = TrajectoryDataset(cfg.trajectory_dir)
+        ds = TrajectoryDataset(cfg.distill.trajectories)  # the pairs the student was distilled from
         toks = torch.stack([ds[i]["tokens"] for i in range(len(ds))])
         labs = torch.stack([ds[i]["class_label"] for i in range(len(ds))])
         probs = marginals(toks, labs, teacher.vocab_size, teacher.num_classes)

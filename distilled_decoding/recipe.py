@@ -293,7 +293,7 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
     evaluate_only = set(cfg.stages) <= {"evaluate"}
     if evaluate_only:
         for path, what in ((out, "the job folder"), (cfg.pipeline_dir / "model_index.json", "a saved pipeline"),
-                           (cfg.trajectory_dir / "manifest.json", "the trajectories")):  # fmt: skip
+                           (Path(cfg.distill.trajectories) / "manifest.json", "the trajectories")):  # fmt: skip
             if not path.exists():
                 raise ConfigError(f"output_dir: {path} does not exist ({what}); run the distillation job first")
     with job_lock(out, state, what="distillation job"):
@@ -357,7 +357,7 @@ def _run_stages(cfg: RecipeConfig, state: Any, record: str | None) -> dict[str, 
         from distilled_decoding.pipeline import DistilledDecodingPipeline
         from distilled_decoding.trajectories import TrajectoryDataset
 
-        ds = TrajectoryDataset(cfg.trajectory_dir)
+        ds = TrajectoryDataset(cfg.distill.trajectories)
         final = student_dir / "final"
         if student is None:
             if not (final / "config.json").is_file():
