@@ -100,8 +100,12 @@ def main() -> None:
     p.add_argument("--nogts", default="runs/digits_dd2_nogts")
     p.add_argument("--collect-only", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dd2_digits.json"))
-    p.add_argument("--nogts-overrides", nargs="*", default=["dd2.csd.max_iters=100"],
-                   help="more overrides of the ablation job (default: 100 CSD iterations)")
+    p.add_argument(
+        "--nogts-overrides",
+        nargs="*",
+        default=["dd2.csd.max_iters=100"],
+        help="more overrides of the ablation job (default: 100 CSD iterations)",
+    )
     p.add_argument("overrides", nargs="*", help="section.field=value for the DD2 jobs (e.g. dd2.csd.max_iters=100)")
     args = p.parse_args()
     dd1, dd2, nogts = Path(args.dd1), Path(args.dd2), Path(args.nogts)
@@ -111,8 +115,8 @@ def main() -> None:
         configure_threads()
         pairs = f"distill.trajectories={dd2 / 'trajectories'}"  # the same 8,000 pairs for every job
         _job(CONFIGS / "digits_dd2.yaml", dd2, list(args.overrides))
-        _job(CONFIGS / "digits_dd2.yaml", nogts, ["dd2.init=teacher", "dd2.gts.head_base=none", pairs,
-                                                  "stages=[train,save,evaluate]", *args.overrides, *args.nogts_overrides])
+        ablation = ["dd2.init=teacher", "dd2.gts.head_base=none", pairs, "stages=[train,save,evaluate]"]
+        _job(CONFIGS / "digits_dd2.yaml", nogts, [*ablation, *args.overrides, *args.nogts_overrides])
         _job(CONFIGS / "digits_llamagen.yaml", dd1, [pairs, "stages=[train,save,evaluate]"])
     rows = collect(dd1, dd2, nogts)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -469,7 +469,8 @@ def test_dd2_configs_load():
     from distilled_decoding.recipe import load_recipe_config
 
     digits = load_recipe_config(ROOT / "recipes" / "configs" / "digits_dd2.yaml", ["output_dir=/x"])
-    assert digits.distill.method == "dd2" and digits.dd2.init == "gts" and not digits.trajectories.store_noise
+    main = load_recipe_config(ROOT / "recipes" / "configs" / "digits_llamagen.yaml", ["output_dir=/x"])
+    assert digits.distill.method == "dd2" and digits.dd2.init == "gts" and digits.trajectories == main.trajectories
     large = load_recipe_config(ROOT / "recipes" / "configs" / "llamagen_l_dd2.yaml", ["output_dir=/x"])
     csd, gts = large.dd2.csd, large.dd2.gts
     assert (csd.lr_generator, csd.lr_guidance, csd.lr_start, csd.warmup_guidance_steps) == (1e-4, 2e-4, 1e-6, 40000)
