@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import sys
 import types
 import typing
@@ -201,6 +202,26 @@ def build_config(cls: type, values: Any, section: str | None = None) -> Any:
         raise ConfigError(f"{section}.{msg}" if section else msg) from None
 
 
+def yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` that also reads exponent floats without a dot (``1e-4``, ``1e-06`` as JSON writes them) as
+    floats — YAML 1.2's rule; PyYAML's 1.1 resolver reads them as strings."""
+    import yaml
+
+    global _LOADER
+    if _LOADER is None:
+
+        class Loader(yaml.SafeLoader):
+            pass
+
+        Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+        _LOADER = Loader
+    return yaml.load(text, Loader=_LOADER)  # noqa: S506 - a SafeLoader subclass
+
+
+_LOADER: Any = None
+_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$")  # the exponent floats YAML 1.1 leaves as strings
+
+
 def read_config_file(path: str | os.PathLike, what: str = "--config") -> dict[str, Any]:
     """A YAML (or JSON) file holding a mapping; missing, unreadable or non-YAML files are :class:`ConfigError`."""
     import yaml
@@ -209,7 +230,7 @@ def read_config_file(path: str | os.PathLike, what: str = "--config") -> dict[st
     if not path.is_file():
         raise ConfigError(f"{what}: {path} does not exist (or is not a file)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml_load(path.read_text())
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{what}: {path} cannot be read ({type(e).__name__})") from None
     except yaml.YAMLError as e:
@@ -237,7 +258,7 @@ def parse_overrides(items: Sequence[str], data: dict[str, Any] | None = None) ->
         if not all(parts):
             raise ConfigError(f"override {item!r}: empty key")
         try:
-            value = yaml.safe_load(raw)
+            value = yaml_load(raw)
         except yaml.YAMLError:
             raise ConfigError(f"override {item!r}: the value is not valid YAML") from None
         node = data

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from distilled_decoding import DistilledDecodingPipeline, LlamaGen, VQTokenizer
+from distilled_decoding.configs import ConfigError
 from distilled_decoding.recipe import load_recipe_config, run
 
 from .conftest import TINY_GPT, TINY_VQ, randomize_
@@ -104,3 +105,14 @@ def test_official_configs_load(name):
     assert cfg.evaluate.feature_extractor == "inception" and cfg.trajectories.store_noise == name.startswith("llamagen")
     expected = {"llamagen_b": (0, 80), "llamagen_l": (0, 80), "var_d16": (0, 5), "var_d20": (0, 4), "var_d24": (0, 4)}
     assert cfg.distill.timesteps == expected[name]
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads ``1e-4`` as a string; configs read it as the float YAML 1.2 and JSON mean — in files,
+    in overrides, and in a job's config.json (which json.dumps writes as ``1e-06``)."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text("distill:\n  lr: 1e-4\ndd2:\n  csd:\n    lr_start: 1e-06\n")
+    cfg = load_recipe_config(path, ["distill.weight_decay=5e-2"])
+    assert (cfg.distill.lr, cfg.dd2.csd.lr_start, cfg.distill.weight_decay) == (1e-4, 1e-6, 0.05)
+    with pytest.raises(ConfigError, match=r"^distill\.lr='1e-4x': expected a finite number"):
+        load_recipe_config(path, ["distill.lr=1e-4x"])
