@@ -4,7 +4,7 @@
   (:func:`~distilled_decoding.distill.train_student`).
 * ``dd2`` — Distilled Decoding 2: the trajectory folder's token sequences → GTS initialisation → conditional score
   distillation → a one-step :class:`~distilled_decoding.students.dd2.DD2Generator`
-  (:mod:`distilled_decoding.dd2_training`); settings in the recipe's ``dd2`` section (:class:`DD2Settings`).
+  (:mod:`distilled_decoding.dd2_training`); settings in the recipe's ``dd2`` section (:class:`DD2Config`).
 
 A method gives the ``train`` stage, the class of the student it saves (checked when a saved student is packaged),
 the settings recorded in the student's ``training.json`` and extra rows of the evaluation table.
@@ -21,11 +21,11 @@ from typing import Any
 from distilled_decoding.configs import ConfigError, ValidatedConfig
 from distilled_decoding.dd2_training import CSDConfig, GTSConfig
 
-__all__ = ["DD2Settings", "METHODS", "Method", "get_method"]
+__all__ = ["DD2Config", "METHODS", "Method", "get_method"]
 
 
 @dataclass
-class DD2Settings(ValidatedConfig):
+class DD2Config(ValidatedConfig):
     """The recipe's ``dd2`` section: stage 1 (``gts``), stage 2 (``csd``), ``init`` ("gts", or "teacher" for the
     ablation without GTS initialisation: CSD starts from the teacher-made AR-diffusion model) and ``euler_steps`` (the
     GTS model's row in the evaluation: Euler steps per token, DD2 App. B.3). The teacher's sampling settings are the
@@ -142,7 +142,7 @@ def _dd2_train(cfg: Any, teacher: Any, tokenizer: Any, state: Any) -> Any:
         tokens, labels = load_sample_tokens(cfg.distill.trajectories, teacher, codebook)
         init, _ = train_gts(gts_cfg, teacher, codebook, tokens, labels)
         if state.is_main_process:
-            init.save_pretrained(student_dir / "gts" / "final")
+            save_student(init, student_dir / "gts" / "final", settings)
     else:  # the ablation: the teacher-made AR-diffusion model, fresh head
         init = ARDiffusion.from_teacher(teacher, codebook.cpu(), input_hidden=gts_cfg.input_hidden,
                                         head_width=gts_cfg.head_width, head_depth=gts_cfg.head_depth,

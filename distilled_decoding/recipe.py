@@ -41,7 +41,7 @@ from distilled_decoding.configs import (
 from distilled_decoding.distill import DistillConfig
 from distilled_decoding.fileio import atomic_write_text
 from distilled_decoding.hub import is_hub_reference
-from distilled_decoding.methods import DD2Settings, get_method
+from distilled_decoding.methods import DD2Config, get_method
 from distilled_decoding.training_state import TrainingStateError, check_training_settings, read_training_settings
 
 __all__ = [
@@ -224,7 +224,7 @@ class RecipeConfig(ValidatedConfig):
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     trajectories: TrajectoryConfig = field(default_factory=TrajectoryConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    dd2: DD2Settings = field(default_factory=DD2Settings)
+    dd2: DD2Config = field(default_factory=DD2Config)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
@@ -242,7 +242,7 @@ class RecipeConfig(ValidatedConfig):
 
 
 _SECTIONS = {"teacher": TeacherConfig, "trajectories": TrajectoryConfig, "distill": DistillConfig,
-             "dd2": DD2Settings, "evaluate": EvalConfig}  # fmt: skip
+             "dd2": DD2Config, "evaluate": EvalConfig}  # fmt: skip
 
 
 def load_recipe_config(
