@@ -212,7 +212,8 @@ class DistilledDecodingPipeline(DiffusionPipeline):
         with ``generator`` (``torch.randint`` on the generator's device, the CPU when None), so
         ``generate(noise, steps=1)`` works and is reproducible with a seeded generator.
         ``steps=1`` samples at t = 0; ``steps=2`` at the student's timesteps (e.g. (0, 80)). With ``teacher`` and
-        ``teacher_tokens=(T, t2)`` the teacher regenerates tokens T..t2−1 between the two student steps
+        ``teacher_tokens=(T, t2)`` the teacher regenerates tokens T..t2−1 between the two student steps (t2 = N: the
+        teacher finishes the sequence — DD2's Alg. 4, the refinement of one-step DD2 generators)
         (``teacher_sampling="flow"``: through the flow map with the same noise; ``"random"``: multinomial with
         ``generator``). Returns ``images``, then the final tokens (B, N) if ``return_tokens``, then the condition
         (class labels (B,) or the caption features) if ``return_labels``.
