@@ -38,8 +38,8 @@ def _job(config: Path, out: Path, overrides: list[str]) -> None:
 
 
 def _train_seconds(job: Path, method: str) -> float | None:
-    """Wall seconds of the method's training in a job folder (DD1: the student; DD2: GTS + CSD)."""
-    parts = ["student"] if method == "dd1" else ["student/gts", "student/csd"]
+    """Wall seconds of the method's training in a job folder (DD1: the student; DD2: GTS + CSD; GTS: GTS)."""
+    parts = {"dd1": ["student"], "dd2": ["student/gts", "student/csd"], "gts": ["student/gts"]}[method]
     total = 0.0
     for part in parts:
         path = job / part / "train_summary.json"
@@ -66,7 +66,8 @@ def collect(dd1: Path, dd2: Path, nogts: Path) -> dict[str, Any]:
 
     take(dd1, "dd1", ["teacher AR (multinomial)", "teacher AR (flow map)", "DD 1-step", "DD 2-step"])
     take(dd1, "dd1", [n for n in _names(dd1) if n.startswith("DD refined")])
-    take(dd2, "dd2", [n for n in _names(dd2) if n.startswith(("GTS model", "DD2"))])
+    take(dd2, "gts", [n for n in _names(dd2) if n.startswith("GTS model")])
+    take(dd2, "dd2", [n for n in _names(dd2) if n.startswith("DD2")])
     take(nogts, "dd2", ["DD2 1-step"], {"DD2 1-step": "ablation: DD2 1-step without GTS initialisation"})
     teacher = rows.get("teacher AR (flow map)")
     for r in rows.values():
