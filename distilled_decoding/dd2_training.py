@@ -143,6 +143,12 @@ class CSDConfig(DD2TrainerConfig):
         req(0.0 < self.generator_t <= 1.0, "generator_t", self.generator_t, "a number in (0, 1]")
         req(self.noise_scale is None or self.noise_scale > 0, "noise_scale", self.noise_scale, "null or > 0")
 
+    def semantic(self) -> dict[str, Any]:
+        """As :meth:`DD2TrainerConfig.semantic` without ``max_iters``: after the warm-up the learning rates are
+        constant and every draw depends on the update counters only, so a finished run can be extended — run it
+        again with a larger ``max_iters`` and it continues from its last checkpoint, to the weights of one run."""
+        return {k: v for k, v in super().semantic().items() if k != "max_iters"}
+
 
 class _Counter:
     """Checkpointed progress: ``step`` (optimizer updates of the trained model; CSD: generator iterations), ``micro``

@@ -378,6 +378,25 @@ def test_tiny_csd_runs_move_the_generator_to_the_teacher(teacher, tmp_path):
     assert min(drops) > 0.05 and sum(drops) / 3 > 0.15, drops
 
 
+def test_a_finished_csd_run_can_be_extended(teacher, tmp_path):
+    """max_iters is not a training setting: 3 iterations, then the same run with max_iters=5, ends with the weights
+    of 5 uninterrupted iterations (generator EMA and guidance network); other settings are still refused."""
+    gpt, cb = teacher
+    init = _model(gpt, cb, "posterior")
+    small = dict(batch_size=4, draws=2, guidance_steps=2, save_every=0, warmup_guidance_steps=2, progress=False,
+                 sampling={"cfg_scale": 2.0})  # fmt: skip
+    g5, d5, _ = train_csd(CSDConfig(output_dir=str(tmp_path / "one"), max_iters=5, **small), gpt, cb, init)
+    train_csd(CSDConfig(output_dir=str(tmp_path / "two"), max_iters=3, **small), gpt, cb, init)
+    g, d, summary = train_csd(CSDConfig(output_dir=str(tmp_path / "two"), max_iters=5, **small), gpt, cb, init)
+    assert summary["steps"] == 5 and summary["guidance_updates"] == 10
+    for a, b in ((g5, g), (d5, d)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    with pytest.raises(ValueError, match="saved by a run with other training settings"):
+        train_csd(CSDConfig(output_dir=str(tmp_path / "two"), max_iters=6, **{**small, "guidance_steps": 3}), gpt,
+                  cb, init)  # fmt: skip
+
+
 def test_another_teacher_and_bad_settings_are_refused(teacher, tmp_path):
     gpt, cb = teacher
     other = randomize_(LlamaGen(**TINY_GPT), seed=77).eval()
