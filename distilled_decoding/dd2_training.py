@@ -30,6 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from distilled_decoding.configs import ValidatedConfig
+from distilled_decoding.distill import StepCounter
 from distilled_decoding.losses import csd_generator_loss, draw_times_and_noise, gts_loss, guidance_loss
 from distilled_decoding.model_config import config_fields
 from distilled_decoding.provenance import teacher_fingerprint
@@ -106,6 +107,13 @@ class GTSConfig(DD2TrainerConfig):
         req(self.train in ("all", "head"), "train", self.train, "'all' or 'head'")
         req(self.head_base in HEAD_BASES, "head_base", self.head_base, f"one of {HEAD_BASES}")
 
+    def initial_model(self, teacher: Any, codebook: Tensor) -> ARDiffusion:
+        """The untuned AR-diffusion model of these settings (:meth:`ARDiffusion.from_teacher`, head seeded by
+        ``seed``): what stage 1 starts from, and the no-GTS ablation's initialisation."""
+        return ARDiffusion.from_teacher(teacher, codebook.cpu(), input_hidden=self.input_hidden,
+                                        head_width=self.head_width, head_depth=self.head_depth,
+                                        head_base=self.head_base, seed=self.seed)  # fmt: skip
+
 
 @dataclass
 class CSDConfig(DD2TrainerConfig):
@@ -150,13 +158,12 @@ class CSDConfig(DD2TrainerConfig):
         return {k: v for k, v in super().semantic().items() if k != "max_iters"}
 
 
-class _Counter:
+class _Counter(StepCounter):
     """Checkpointed progress: ``step`` (optimizer updates of the trained model; CSD: generator iterations), ``micro``
-    (CSD: guidance updates) and ``flags`` (CSD: alignment done)."""
+    (CSD: guidance updates) and ``aligned`` (CSD: performance alignment done; its ``state_dict``)."""
 
     def __init__(self) -> None:
-        self.step = 0
-        self.micro = 0
+        super().__init__()
         self.aligned = 0
 
     def state_dict(self) -> dict[str, int]:
@@ -241,7 +248,7 @@ def _summary(out: Path, acc: Any, seconds: float, start: int, counter: _Counter,
 def train_gts(
     cfg: GTSConfig, teacher: Any, codebook: Tensor, tokens: Tensor, labels: Tensor, model: ARDiffusion | None = None
 ) -> tuple[ARDiffusion, dict]:
-    """Stage 1: ``model`` (default :meth:`ARDiffusion.from_teacher` with the config's head) tuned with the GTS loss on
+    """Stage 1: ``model`` (default :meth:`GTSConfig.initial_model`) tuned with the GTS loss on
     the teacher's token sequences ``tokens`` (M, N) long with their class ``labels`` (M,). Returns (the EMA model in
     eval mode on the CPU, the run's summary); writes ``train_summary.json`` and checkpoints under ``output_dir``."""
     from diffusers.optimization import get_scheduler
@@ -250,9 +257,7 @@ def train_gts(
     acc = _accelerator(cfg)
     out = Path(cfg.output_dir)
     if model is None:
-        model = ARDiffusion.from_teacher(teacher, codebook.cpu(), input_hidden=cfg.input_hidden,
-                                         head_width=cfg.head_width, head_depth=cfg.head_depth,
-                                         head_base=cfg.head_base, seed=cfg.seed)  # fmt: skip
+        model = cfg.initial_model(teacher, codebook)
     check_made_from(model, teacher, codebook, "GTS model")
     if tokens.ndim != 2 or tokens.shape[1] != model.seq_len or labels.shape != tokens.shape[:1]:
         raise ValueError(f"tokens: expected (M, {model.seq_len}) sequences with (M,) labels, got "

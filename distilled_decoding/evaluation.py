@@ -80,13 +80,10 @@ def standard_samplers(
     seed: int = 0,
 ) -> list[Sampler]:
     """The rows of the evaluation table, in order: the teacher's ordinary decoding (multinomial, seeded ``seed + 2``:
-    the baseline of the speedup column), the teacher through the flow map (the mapping the student learned), DD
-    1-step, DD 2-step and DD refined (``refine`` = (T, t₂); default (t₂ − max(1, t₂ // 4), t₂)) when the student has
-    two timesteps — a one-step student (DD2) gets two refined rows where the teacher regenerates its last N // 4 and
-    N // 2 steps instead (DD2's Alg. 4; ``refine`` = (T, N) picks one) — and with the marginals ``probs`` the
-    baselines onestep* and skip-n for n in ``skip`` (drawing from
-    one generator seeded ``seed + 1``, in that order). The student's rows: :meth:`~distilled_decoding.pipeline.
-    DistilledDecodingPipeline.student_samplers`."""
+    the baseline of the speedup column), the teacher through the flow map (the mapping the student learned), the
+    student's rows (:meth:`~distilled_decoding.pipeline.DistilledDecodingPipeline.student_samplers`: DD 1-step, 2-step
+    and refined ``refine``; DD2 1-step and two refined rows), and with the marginals ``probs`` the baselines onestep*
+    and skip-n for n in ``skip`` (drawing from one generator seeded ``seed + 1``, in that order)."""
     student = pipe.student
     sampling = dict(pipe.info.get("teacher_sampling") or {})
     flow = dict(pipe.info.get("flow") or {})

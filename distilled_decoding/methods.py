@@ -99,33 +99,29 @@ def _family_student(kind: str) -> type:
 def _dd2_configs(cfg: Any) -> tuple[GTSConfig, CSDConfig]:
     """The two stages' configs of a recipe: the teacher's sampling = the trajectories', folders under the student's."""
     student_dir = Path(cfg.distill.output_dir)
-    sampling = {k: v for k, v in cfg.trajectories.sampling().items()}
+    sampling = cfg.trajectories.sampling()
     gts = dataclasses.replace(cfg.dd2.gts, output_dir=str(student_dir / "gts"), sampling=sampling)
     csd = dataclasses.replace(cfg.dd2.csd, output_dir=str(student_dir / "csd"), sampling=sampling)
     return gts, csd
 
 
 def _dd2_settings(cfg: Any, ds: Any, student: Any = None, stored: Any = None) -> dict[str, Any]:
-    from distilled_decoding.manifest import json_digest
+    from distilled_decoding.training_state import data_provenance
 
     gts, csd = _dd2_configs(cfg)
-    shards = [s.get("sha256") for s in ds.manifest["shards"]]
     return {
         "method": "dd2",
         "init": cfg.dd2.init,
         "gts": gts.semantic() if cfg.dd2.init == "gts" else None,
         "csd": csd.semantic(),
-        "trajectories": {"settings_digest": ds.manifest["settings_digest"], "num_samples": len(ds),
-                         "data_sha256": json_digest(shards)},
-        "teacher": {k: ds.teacher[k] for k in ("class", "weights_sha256", "codebook_sha256")},
-    }  # fmt: skip
+        **data_provenance(ds),
+    }
 
 
 def _dd2_train(cfg: Any, teacher: Any, tokenizer: Any, state: Any) -> Any:
     from distilled_decoding.dd2_training import train_csd, train_gts
     from distilled_decoding.fileio import make_dirs
     from distilled_decoding.par_training import load_sample_tokens
-    from distilled_decoding.students.dd2 import ARDiffusion
     from distilled_decoding.training_state import check_training_settings, save_student, write_training_json
     from distilled_decoding.trajectories import TrajectoryDataset
 
@@ -144,9 +140,7 @@ def _dd2_train(cfg: Any, teacher: Any, tokenizer: Any, state: Any) -> Any:
         if state.is_main_process:
             save_student(init, student_dir / "gts" / "final", settings)
     else:  # the ablation: the teacher-made AR-diffusion model, fresh head
-        init = ARDiffusion.from_teacher(teacher, codebook.cpu(), input_hidden=gts_cfg.input_hidden,
-                                        head_width=gts_cfg.head_width, head_depth=gts_cfg.head_depth,
-                                        head_base=gts_cfg.head_base, seed=gts_cfg.seed)  # fmt: skip
+        init = gts_cfg.initial_model(teacher, codebook)
     generator, _, _ = train_csd(csd_cfg, teacher, codebook, init)
     if state.is_main_process:
         save_student(generator, student_dir / "final", settings)

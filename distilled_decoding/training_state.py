@@ -41,6 +41,7 @@ __all__ = [
     "save_tree",
     "load_tree",
     "training_settings",
+    "data_provenance",
     "check_training_settings",
     "save_student",
     "CheckpointStore",
@@ -151,15 +152,23 @@ def training_settings(
     distill["split"] = int(student.config.split)
     distill["timesteps"] = [int(t) for t in student.config.timesteps]
     distill["mixed_precision"] = mixed_precision
-    shards = [s.get("sha256") for s in ds.manifest["shards"]]
     return json.loads(json.dumps({
         "distill": distill,
         "student": {"class": type(student).__name__,
                     "init": f"given:{given_student_sha256}" if given_student_sha256 else "from_teacher"},
+        **data_provenance(ds),
+    }, default=str))  # fmt: skip
+
+
+def data_provenance(ds: Any) -> dict[str, Any]:
+    """``{"trajectories", "teacher"}`` of a student's ``training.json``: the pair folder (settings digest, size, shard
+    checksums) and the teacher that built it."""
+    shards = [s.get("sha256") for s in ds.manifest["shards"]]
+    return {
         "trajectories": {"settings_digest": ds.manifest["settings_digest"], "num_samples": len(ds),
                          "data_sha256": json_digest(shards)},
         "teacher": {k: ds.teacher[k] for k in ("class", "weights_sha256", "codebook_sha256")},
-    }, default=str))  # fmt: skip
+    }  # fmt: skip
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -28,6 +28,8 @@ from torch import Tensor
 
 __all__ = [
     "FewStepStudent",
+    "CheckedLoading",
+    "check_noise",
     "check_saved_class",
     "perturb",
     "nearest_codes",
@@ -124,7 +126,30 @@ def check_saved_class(path: Any, cls: type, subfolder: str | None = None) -> Non
                          "DistilledDecodingPipeline, which picks the class from model_index.json)")  # fmt: skip
 
 
-class FewStepStudent:
+def check_noise(noise: Any, n: int, d: int) -> None:
+    """ValueError naming ``noise`` unless it is a finite float (B, n, d) tensor with B >= 1."""
+    if not isinstance(noise, Tensor) or noise.ndim != 3 or tuple(noise.shape[1:]) != (n, d):
+        got = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
+        raise ValueError(f"noise: expected shape (B, {n}, {d}) = (B, N, D), got {got}")
+    if not noise.dtype.is_floating_point:
+        raise ValueError(f"noise: expected a floating dtype (standard normal values), got {noise.dtype}")
+    if noise.shape[0] == 0:
+        raise ValueError(f"noise: empty batch, shape {tuple(noise.shape)}; expected at least one row (B >= 1)")
+    if not bool(torch.isfinite(noise).all()):
+        raise ValueError("noise: contains NaN or inf; expected finite standard normal values")
+
+
+class CheckedLoading:
+    """Mixin for diffusers models: ``from_pretrained`` checks first that a local folder holds this class
+    (:func:`check_saved_class`)."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        check_saved_class(pretrained_model_name_or_path, cls, kwargs.get("subfolder"))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)  # type: ignore[misc]
+
+
+class FewStepStudent(CheckedLoading):
     """Schedule, checks, prediction and sampling shared by every student flavour (see the module docstring)."""
 
     starts: list[int]
@@ -135,13 +160,6 @@ class FewStepStudent:
     token_order: Tensor | None = None
     #: the method's name in sampler rows ("DD 1-step", "DD2 1-step", ...)
     method_name: str = "DD"
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
-        """diffusers' ``from_pretrained``, after checking that a local folder holds this class
-        (:func:`check_saved_class`)."""
-        check_saved_class(pretrained_model_name_or_path, cls, kwargs.get("subfolder"))
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)  # type: ignore[misc]
 
     # -- schedule -------------------------------------------------------------------------------------------
     @property
@@ -178,16 +196,7 @@ class FewStepStudent:
 
     def check_noise(self, noise: Any) -> None:
         """ValueError naming ``noise`` unless it is a finite float (B, N, D) tensor with B >= 1."""
-        n, d = self.seq_len, int(self.config.codebook_dim)
-        if not isinstance(noise, Tensor) or noise.ndim != 3 or tuple(noise.shape[1:]) != (n, d):
-            got = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
-            raise ValueError(f"noise: expected shape (B, {n}, {d}) = (B, N, D), got {got}")
-        if not noise.dtype.is_floating_point:
-            raise ValueError(f"noise: expected a floating dtype (standard normal values), got {noise.dtype}")
-        if noise.shape[0] == 0:
-            raise ValueError(f"noise: empty batch, shape {tuple(noise.shape)}; expected at least one row (B >= 1)")
-        if not bool(torch.isfinite(noise).all()):
-            raise ValueError("noise: contains NaN or inf; expected finite standard normal values")
+        check_noise(noise, self.seq_len, int(self.config.codebook_dim))
 
     # -- sampling -----------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -36,7 +36,7 @@ from distilled_decoding.conditions import ClassCondition
 from distilled_decoding.flow import posterior_mean
 from distilled_decoding.model_config import config_fields, config_init
 from distilled_decoding.provenance import teacher_fingerprint
-from distilled_decoding.students.base import FewStepStudent, check_saved_class, nearest_codes
+from distilled_decoding.students.base import CheckedLoading, FewStepStudent, check_noise, nearest_codes
 from distilled_decoding.students.llamagen import backbone_fields
 from distilled_decoding.teachers.llamagen_config import LlamaGenBackbone, LlamaGenConfig
 from distilled_decoding.teachers.llamagen_layers import (
@@ -285,7 +285,7 @@ class _Network:
         return self.tok_embeddings.fit(codebook, teacher.tok_embeddings.weight, input_scale, seed=seed)
 
 
-class ARDiffusion(_Network, ModelMixin, ConfigMixin):
+class ARDiffusion(_Network, CheckedLoading, ModelMixin, ConfigMixin):
     """The teacher as an AR-diffusion model (GTS model, guidance network); see the module docstring.
     ``model(x_prefix (B, N, D), class_labels (B,), x_t (B, N, m, D), t (B, N, m))`` → x̂0 (B, N, m, D)."""
 
@@ -293,12 +293,6 @@ class ARDiffusion(_Network, ModelMixin, ConfigMixin):
     def __init__(self, cfg: ARDiffusionConfig):
         super().__init__()
         self.build(cfg)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> ARDiffusion:
-        """diffusers' ``from_pretrained`` after :func:`~distilled_decoding.students.base.check_saved_class`."""
-        check_saved_class(pretrained_model_name_or_path, cls, kwargs.get("subfolder"))
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod
     def from_teacher(
@@ -342,7 +336,7 @@ class ARDiffusion(_Network, ModelMixin, ConfigMixin):
         which is fed back through a KV cache. → (code vectors (B, N, D), tokens (B, N) long)."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps={steps!r}: expected an integer >= 1")
-        FewStepStudent.check_noise(self, noise)
+        check_noise(noise, self.seq_len, self.config.codebook_dim)
         class_labels = self.condition.check(class_labels, noise.shape[0])
         b, n, _ = noise.shape
         a, p = self.args, self.norm.weight
