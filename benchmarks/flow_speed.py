@@ -9,7 +9,9 @@ Timing (all in one process, the variants interleaved round by round, medians): o
 VQ-16 codebook (16,384 × 8) and default settings, for two kinds of logits: ``top-k 8000`` (randn·3, then top-k
 8000, as a GPT-B-shaped teacher's CFG-2 logits after the DD paper's top-k) and ``peaked`` (randn·4 over all 16,384
 codes). Both wall time and the process's CPU time are reported; the CPU-time share is the robust one on a shared
-machine. ``share`` = flow map / GPT-B step (goal ≤ 5 %).
+machine. ``share`` = flow map / GPT-B step (goal ≤ 5 %). The map runs its compiled CPU kernel
+(:mod:`distilled_decoding.flow_native`); the ``(torch kernels)`` rows are the same map, same bits, on the torch
+kernels (what runs on a GPU, or without a C compiler).
 
 Accuracy: on the settings of ``benchmarks/flow_solvers.py`` (LlamaGen VQ-16 flat top-8000, peaked ×4, peaked ×3
 top-900; VAR flat top-900), the fraction of noises whose default-setting token differs from a 256-step reference
@@ -30,7 +32,7 @@ from typing import Any
 
 import torch
 
-from distilled_decoding import flow, flow_reference
+from distilled_decoding import flow, flow_native, flow_reference
 from distilled_decoding.teachers.llamagen import LlamaGen
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,6 +46,11 @@ def _logits(kind: str, batch: int, g: torch.Generator) -> torch.Tensor:
         kth = lg.topk(8000, dim=-1).values[:, -1:]
         return lg.masked_fill(lg < kth, float("-inf"))
     return lg * 4.0
+
+
+def _torch_kernels(noise: torch.Tensor, logits: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    with flow_native.torch_kernels():
+        return flow.noise_to_tokens(noise, logits, codebook)
 
 
 def timing(batches: list[int], rounds: int) -> dict[str, Any]:
@@ -66,6 +73,7 @@ def timing(batches: list[int], rounds: int) -> dict[str, Any]:
         for kind in ("top-k 8000", "peaked"):
             lg, noise = _logits(kind, b, g), torch.randn(b, 8, generator=g)
             fns[kind] = lambda lg=lg, noise=noise: flow.noise_to_tokens(noise, lg, codebook)
+            fns[f"{kind} (torch kernels)"] = lambda lg=lg, noise=noise: _torch_kernels(noise, lg, codebook)
         wall: dict[str, list[float]] = {k: [] for k in fns}
         cpu: dict[str, list[float]] = {k: [] for k in fns}
         for f in fns.values():  # warm-up
@@ -79,7 +87,9 @@ def timing(batches: list[int], rounds: int) -> dict[str, Any]:
         row: dict[str, Any] = {}
         for k in fns:
             row[k] = {"wall_ms": 1e3 * statistics.median(wall[k]), "cpu_ms": 1e3 * statistics.median(cpu[k])}
-        for k in ("top-k 8000", "peaked"):
+        for k in fns:
+            if k == "GPT-B step":
+                continue
             for unit in ("wall", "cpu"):
                 row[k][f"share_{unit}"] = row[k][f"{unit}_ms"] / row["GPT-B step"][f"{unit}_ms"]
         out[f"batch_{b}"] = row
@@ -128,6 +138,7 @@ def main() -> None:
             "processor": platform.processor(),
             "threads": args.threads,
             "flow_defaults": flow.DEFAULTS,
+            "compiled_kernel": flow_native.available(),
         },
         "timing": timing([1] if args.quick else [1, 16], 2 if args.quick else args.rounds),
         "accuracy": accuracy(300 if args.quick else args.n_accuracy, args.quick),

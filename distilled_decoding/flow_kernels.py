@@ -1,7 +1,10 @@
 """Batch-invariant float32 kernels of the categorical flow map (see :mod:`distilled_decoding.flow`).
 
 :func:`solve` runs the solver of :func:`distilled_decoding.flow.noise_to_tokens` on a chunk of rows (positions);
-each evaluation computes the posterior log-weights of a row's codes, their softmax and the posterior mean x̂0.
+each evaluation computes the posterior log-weights of a row's codes, their weights and the posterior mean x̂0.
+Two implementations give the same bits: the torch kernels here (any device) and, on CPU, the fused C kernel of
+:mod:`distilled_decoding.flow_native` (``csrc/flow_solve.c``, compiled on first use; several times faster), which
+:func:`solve` uses when it builds.
 
 Layout. Row r holds its codes in canonical order (ascending code id: every code if its logits allow all of
 them, else the codes they allow), then padding (log-weight −inf, a zero code) up to its canonical length
@@ -11,24 +14,25 @@ Arithmetic (float32), per row, in an order fixed by the row alone (its values an
 
 * log-weights ``log p_j − b·‖c_j‖² + Σ_d (a·x_d)·c_jd`` (a = (1 − t)/t², b = (1 − t)²/(2t²); the ‖x‖²/(2t²)
   term is a per-row constant): one sequential chain of fused multiply-adds over these D + 2 terms;
-* weights: ``softmax`` over the row's K entries;
-* sums Σ_j w_j·[c_j, 1] over the row's codes in order: one sequential fused multiply-add chain (K ≤ 1024), or 16
-  consecutive blocks of ceil(n/16) codes (padding at the end of the last block) and a sequential sum of the 16
-  block sums; x̂0 = Σ w c / Σ w;
+* weights ``e_j = flow_exp(l_j − max l)`` (:func:`flow_exp`: Cephes' expf as a fixed sequence of float32
+  operations; 0 at padding);
+* sums Σ_j e_j·[c_j, 1]: 16 interleaved sequential fused multiply-add chains (lane l takes the positions
+  j ≡ l mod 16 in order), then a sequential sum of the 16 lanes; x̂0 = Σ e c / Σ e;
 * the solver's step (the next state, a linear combination of the state and the last x̂0's, scaled by the next
   a, with [1, −b] in front: the next chain weights) as one more chain over per-row solver slots.
 
 The chains are ``torch.nn.functional.embedding_bag(..., mode="sum", per_sample_weights=...)``, which computes
-each bag as a sequential fused multiply-add chain over its entries, one bag per thread; ``softmax`` over the
-last dim reduces each row on its own in an order fixed by K. ``tests/test_flow.py`` checks both against their
-definition, and the map's bits across batch sizes, row orders, chunkings and thread counts. There is no matmul
-or library reduction whose order could change with the batch or the thread split, so a row's bits depend on its
-own inputs only.
+each bag as a sequential fused multiply-add chain over its entries, one bag per thread; the C kernel writes the
+same chains with ``fmaf`` (compiled without contraction). ``tests/test_flow.py`` checks the chains against their
+definition, the two implementations against each other bit for bit, and the map's bits across batch sizes, row
+orders, chunkings and thread counts. There is no matmul or library reduction whose order could change with the
+batch or the thread split, so a row's bits depend on its own inputs only.
 
-Every allowed code is evaluated at every step. Certified pruning (dropping codes whose weight a bound derived from
-the flow keeps below e⁻³⁰ of the best at every later evaluation) was implemented and measured: on CPU its
-bookkeeping (compaction, regrouping, per-step certificates) cost more than the evaluations it saved, at batch 1
-and at batch 16, since most of the work is in the first half of the grid where no code can be dropped.
+Every allowed code is evaluated at every step (the C kernel skips a lane group whose 16 log-weights are all more
+than 87 nats below the best: their weights are exactly 0, so this changes no bit). Certified pruning (dropping
+codes whose weight a bound derived from the flow keeps below e⁻³⁰ of the best at every later evaluation) was
+implemented in the torch kernels and measured: on CPU its bookkeeping (compaction, regrouping, per-step
+certificates) cost more than the evaluations it saved.
 """
 
 from __future__ import annotations
@@ -40,15 +44,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distilled_decoding import flow_native
+
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
     "CodebookLayout",
     "SolverPlan",
     "code_scale",
     "codebook_layout",
+    "flow_exp",
     "fma_chain",
     "padded_length",
     "posterior",
+    "posterior_weights",
     "solve",
     "solver_plan",
 ]
@@ -56,8 +64,7 @@ __all__ = [
 #: codes of one chunk (rows × padded codes per row); bounds a chunk's memory (about 60 bytes a code).
 DEFAULT_CHUNK_ELEMENTS = 1 << 18
 _BLOCK = 64  # a row's length is padded to 64·2^k
-_ONE_BAG = 1024  # rows up to this length are summed in one chain, longer ones in _BAGS blocks
-_BAGS = 16
+_LANES = 16  # the weighted sums run in 16 interleaved chains (positions ≡ l mod 16), then one chain over those
 _CACHE_SIZE = 4
 # per-row solver slots (rows of D + 2 values): three x̂0's, the state a·x, the constants [1, 0, …] and
 # [0, 1, …], Heun's intermediate state and its x̂0. x̂0's and states use columns 2: and keep zeros in 0 and 1.
@@ -84,6 +91,36 @@ def fma_chain(index: Tensor, table: Tensor, offsets: Tensor, weights: Tensor) ->
     """Per bag b: the sequential fused multiply-add chain Σ_i weights[i]·table[index[i]] over the bag's entries
     i ∈ [offsets[b], offsets[b + 1]) in order (the last bag ends at the last entry): (bags, table columns)."""
     return torch.embedding_bag(table, index, offsets, False, 0, False, weights, False)[0]
+
+
+# Cephes expf in float32 (Cody-Waite reduction, degree-5 polynomial), op for op as csrc/flow_solve.c's dd_exp
+_EXP = {name: torch.tensor(v, dtype=torch.float32) for name, v in dict(
+    log2e=1.44269504088896341, c1=0.693359375, c2=-2.12194440e-4, p0=1.9875691500e-4, p1=1.3981999507e-3,
+    p2=8.3334519073e-3, p3=4.1665795894e-2, p4=1.6666665459e-1, p5=5.0000001201e-1, one=1.0).items()}  # fmt: skip
+_EXP_MIN = -87.0
+
+
+def flow_exp(x: Tensor) -> Tensor:
+    """exp(x) for float32 x ≤ 0 as the flow kernels define it (0 below −87 and at −inf): a fixed sequence of
+    IEEE float32 operations, so that every device and the C kernel give the same bits. Relative error ≈ 1e-7."""
+    c = {k: v.to(x.device) for k, v in _EXP.items()} if x.device.type != "cpu" else _EXP
+    xc = x.clamp_min(_EXP_MIN)
+    n = torch.round(xc * c["log2e"])
+    r = xc - n * c["c1"]
+    r = r - n * c["c2"]
+    z = r * r
+    p = r * c["p0"] + c["p1"]
+    for k in ("p2", "p3", "p4", "p5"):
+        p = p * r + c[k]
+    y = p * z + r + c["one"]
+    scale = ((n.to(torch.int32) + 127) << 23).view(torch.float32)
+    return torch.where(x < _EXP_MIN, 0.0, y * scale)
+
+
+def posterior_weights(logw: Tensor) -> Tensor:
+    """Unnormalised posterior weights e_p = :func:`flow_exp` (l_p − max_q l_q) of log-weights (R, K) (−inf → 0);
+    x̂0 = Σ e_p c_p / Σ e_p."""
+    return flow_exp(logw - logw.amax(dim=1, keepdim=True))
 
 
 def _i32(values: Tensor) -> Tensor:
@@ -130,12 +167,12 @@ class CodebookLayout:
         # bag r of the log-weight chain: log p_r, ‖c‖², c_0 … c_(D−1), weighted by w_r = [1, −b, a·x_r]
         logit = (_i32(torch.cat([table_rows + rr, dims[:, d:], dims[:, :d]], 1)), _i32(rr * (d + 2)))
         valid = (torch.arange(k, device=dev) < length.unsqueeze(1)) & (index < self.v)
-        blocks = 1 if k <= _ONE_BAG else _BAGS
-        size = (length.unsqueeze(1) + (blocks - 1)) // blocks  # consecutive blocks of ceil(n / blocks) codes
-        starts = (torch.arange(blocks, device=dev) * size).clamp_max_(k) + rr * k
-        sums = (_i32(torch.where(valid, index, self.v)), _i32(starts))
-        ids = torch.arange(r * blocks, device=dev, dtype=torch.int32)
-        block = (ids, ids[::blocks].contiguous(), self.dot.new_ones(r * blocks)) if blocks > 1 else None
+        # bag (r, l) of the weighted sums: row r's positions l, l + 16, l + 32, … (the lanes of the C kernel)
+        lanes = torch.arange(k, device=dev).view(k // _LANES, _LANES).t().reshape(-1)
+        starts = _i32(torch.arange(r * _LANES, device=dev) * (k // _LANES))
+        sums = (_i32(torch.where(valid, index, self.v)[:, lanes]), starts, lanes)  # weights go in as w[:, lanes]
+        ids = torch.arange(r * _LANES, device=dev, dtype=torch.int32)
+        block = (ids, ids[::_LANES].contiguous(), self.dot.new_ones(r * _LANES))
         out = (logit, sums, block)
         if rows is None:
             if len(self._bags) > 8:
@@ -181,6 +218,14 @@ class SolverPlan:
         self.n_eval = len(terms)
         self.t0 = t0  # the first evaluation's time
         self._bags: dict[int, tuple] = {}
+        # per evaluation: the slot its x̂0 goes to and the state slot that receives the next chain weights
+        targets, states = ([_X0, _X0E], [_XE, _X]) if heun else ([_X0, _X0 + 1, _X0 + 2], [_X])
+        self.targets = [targets[e % len(targets)] for e in range(self.n_eval)]
+        self.states = [states[e % len(states)] for e in range(self.n_eval)]
+        i32 = dict(dtype=torch.int32, device="cpu")
+        slots = torch.tensor([self.slot_sets[k] for k in self.set_of], **i32)
+        self.native = (torch.tensor(self.targets, **i32), torch.tensor(self.states, **i32), slots,
+                       self.coefs.cpu().contiguous())  # fmt: skip
 
     def bags(self, r: int) -> tuple[list[Tensor], Tensor, Tensor]:
         """For R rows, per evaluation: the solver chain's entries (r·8 + slot), its offsets, and its coefficients
@@ -252,7 +297,7 @@ class _Group:
         self.cb, self.index = cb, index
         r, k = log_p.shape
         d = cb.d
-        shared = k == cb.kp and bool((length == cb.v).all())
+        self.shared = shared = k == cb.kp and bool((length == cb.v).all())
         if shared:  # table: the D dimensions and ‖c‖², then the log p's
             self.table = torch.cat([cb.dot, log_p])
         else:  # table: dimension i of row r's codes at i·R + r, then the log p's
@@ -278,36 +323,42 @@ class _Group:
             self.plan_bags, self.plan_offsets, self.plan_coefs = plan.bags(r)
             self.h_rows = self.h.view(r * _SLOTS, d + 2)
 
+    def run_native(self) -> Tensor:
+        """:meth:`run` with the compiled kernel (:mod:`distilled_decoding.flow_native`, same bits): the final
+        posterior's argmax positions (R,)."""
+        r, k = self.index.shape
+        if self.shared:  # the shared codebook table, then the log p's
+            lp, codes, dim_stride, row_stride = self.table[self.cb.d + 1 :], self.cb.dot, self.cb.kp, 0
+        else:  # dimension i of row r's codes at table row i·R + r, then the log p's
+            lp, codes, dim_stride, row_stride = self.table[(self.cb.d + 1) * r :], self.table, r * k, k
+        return flow_native.solve_rows(lp, codes, dim_stride, row_stride, self.h, self.w, self.plan.native)
+
     def logits(self) -> Tensor:
         """Log-weights (R, K) at the current chain weights (−inf at padding)."""
         entries, offsets = self.logit_bags
         return fma_chain(entries, self.table, offsets, self.w.view(-1))
 
     def mean_into(self, logw: Tensor, slot: int) -> None:
-        """x̂0 under softmax(logw) into solver slot ``slot``."""
-        entries, starts = self.sum_bags
-        s = fma_chain(entries, self.cb.sums, starts, torch.softmax(logw, dim=1).view(-1))
-        if self.block_bags is not None:
-            s = fma_chain(self.block_bags[0], s, self.block_bags[1], self.block_bags[2])
+        """x̂0 under the weights :func:`posterior_weights` (logw) into solver slot ``slot``."""
+        entries, starts, lanes = self.sum_bags
+        s = fma_chain(entries, self.cb.sums, starts, posterior_weights(logw)[:, lanes].reshape(-1))
+        s = fma_chain(self.block_bags[0], s, self.block_bags[1], self.block_bags[2])
         num, den = s.split([self.cb.d, 1], dim=1)
         torch.div(num, den, out=self.slot[slot])
 
     def run(self) -> Tensor:
         """All the plan's evaluations and steps; returns the final log-weights (R, K). (The loop inlines
         :meth:`logits` and :meth:`mean_into` with the aten ops they call, to keep per-op overhead low.)"""
-        plan, emb, softmax, div = self.plan, torch.embedding_bag, torch.softmax, torch.div
+        plan, emb, weights, div = self.plan, torch.embedding_bag, posterior_weights, torch.div
         table, (logit_index, logit_offsets) = self.table, self.logit_bags
-        sums, (sum_index, sum_starts), blocks = self.cb.sums, self.sum_bags, self.block_bags
+        sums, (sum_index, sum_starts, lanes), blocks = self.cb.sums, self.sum_bags, self.block_bags
         h_rows, plan_offsets, d, slot, w = self.h_rows, self.plan_offsets, self.cb.d, self.slot, self.w
-        targets = [slot[_X0], slot[_X0E]] if plan.heun else [slot[_X0], slot[_X0 + 1], slot[_X0 + 2]]
-        states = [slot[_XE], slot[_X]] if plan.heun else [slot[_X]]
-        steps = [(targets[e % len(targets)], self.plan_bags[e], self.plan_coefs[e], states[e % len(states)])
+        steps = [(slot[plan.targets[e]], self.plan_bags[e], self.plan_coefs[e], slot[plan.states[e]])
                  for e in range(plan.n_eval)]  # fmt: skip
         for target, entries, coef, state in steps:
             logw = emb(table, logit_index, logit_offsets, False, 0, False, w.view(-1), False)[0]
-            s = emb(sums, sum_index, sum_starts, False, 0, False, softmax(logw, 1).view(-1), False)[0]
-            if blocks is not None:
-                s = emb(s, blocks[0], blocks[1], False, 0, False, blocks[2], False)[0]
+            s = emb(sums, sum_index, sum_starts, False, 0, False, weights(logw)[:, lanes].reshape(-1), False)[0]
+            s = emb(s, blocks[0], blocks[1], False, 0, False, blocks[2], False)[0]
             num, den = s.split([d, 1], dim=1)
             div(num, den, out=target)
             w = emb(h_rows, entries, plan_offsets, False, 0, False, coef, False)[0]
@@ -316,21 +367,37 @@ class _Group:
         return emb(table, logit_index, logit_offsets, False, 0, False, w.view(-1), False)[0]
 
 
-def solve(cb: CodebookLayout, log_p: Tensor, finite: Tensor, length: Tensor, x: Tensor, plan: SolverPlan) -> Tensor:
+def solve(
+    cb: CodebookLayout,
+    log_p: Tensor,
+    finite: Tensor,
+    length: Tensor,
+    x: Tensor,
+    plan: SolverPlan,
+    backend: str = "auto",
+) -> Tensor:
     """Tokens (N,) int64 of rows log_p (N, V) (row-max shifted float32, −inf = excluded; ``finite`` (N, V) its
     finite entries, ``length`` (N,) their counts) from noise x (N, D) under the solver ``plan``: the argmax of
-    the posterior after the last step."""
+    the posterior after the last step. ``backend``: ``"auto"`` (the compiled kernel on CPU when
+    :func:`distilled_decoding.flow_native.available`, else the torch kernels), ``"torch"`` or ``"native"``; the
+    same bits either way."""
+    if backend not in ("auto", "torch", "native"):
+        raise ValueError(f"backend={backend!r}: expected 'auto', 'torch' or 'native'")
     lp, index = _canonical_rows(cb, log_p, finite, length)
+    native = x.device.type == "cpu" and (backend == "native" or (backend == "auto" and flow_native.available()))
+
+    def tokens(g: _Group) -> Tensor:
+        pos = g.run_native() if native else g.run().argmax(dim=1)
+        return g.index.gather(1, pos.unsqueeze(1)).squeeze(1)
+
     k_max = lp.shape[1]
     if padded_length(int(length.min())) == k_max:  # one canonical length (the usual case)
-        g = _Group(cb, lp.contiguous(), index, length, x, plan)
-        return g.index.gather(1, g.run().argmax(dim=1, keepdim=True)).squeeze(1)
+        return tokens(_Group(cb, lp.contiguous(), index, length, x, plan))
     kk = torch.tensor([padded_length(int(n)) for n in length.tolist()], device=log_p.device)
     out = torch.empty(log_p.shape[0], dtype=torch.long, device=log_p.device)
     for k in kk.unique().tolist():  # rows of one canonical length at a time
         ids = (kk == k).nonzero().squeeze(1)
-        g = _Group(cb, lp[ids, :k].contiguous(), index[ids, :k], length[ids], x[ids], plan)
-        out[ids] = g.index.gather(1, g.run().argmax(dim=1, keepdim=True)).squeeze(1)
+        out[ids] = tokens(_Group(cb, lp[ids, :k].contiguous(), index[ids, :k], length[ids], x[ids], plan))
     return out
 
 

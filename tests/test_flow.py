@@ -4,12 +4,14 @@ chunking, threads), the kernels' arithmetic, convergence, extreme inputs, valida
 from __future__ import annotations
 
 import math
+import os
+import shutil
 
 import pytest
 import torch
 from scipy import stats
 
-from distilled_decoding import flow, flow_reference
+from distilled_decoding import flow, flow_kernels, flow_native, flow_reference
 from distilled_decoding.flow import denoise, noise_to_tokens, posterior_logits, time_grid, velocity
 from distilled_decoding.flow_kernels import fma_chain
 
@@ -170,6 +172,73 @@ def test_bits_do_not_depend_on_the_thread_count() -> None:
         assert torch.equal(x0, results[0][1])
 
 
+def _needs_native() -> None:
+    if shutil.which(os.environ.get("CC") or "cc") is None:
+        pytest.skip("no C compiler: the flow map runs its torch kernels only")
+    assert flow_native.library() is not None, "a C compiler is present but the flow kernel did not build"
+
+
+def _solve_with(backend: str, noise: torch.Tensor, logits: torch.Tensor, cb: torch.Tensor, **kw) -> torch.Tensor:
+    if backend == "torch":
+        with flow_native.torch_kernels():
+            return noise_to_tokens(noise, logits, cb, **kw)
+    assert flow_native.available()
+    return noise_to_tokens(noise, logits, cb, **kw)
+
+
+@pytest.mark.parametrize("solver, steps", [("dpm3m", None), ("dpm2m", 7), ("euler", 5), ("heun", 4)])
+def test_the_compiled_kernel_gives_the_torch_kernels_bits(solver: str, steps: int | None) -> None:
+    """flow_native's C kernel = the torch kernels, bit for bit: shared and per-row code tables (full rows, top-k,
+    ragged, one-hot), small and LlamaGen-size codebooks, rows of several canonical lengths, 1 and 2 threads."""
+    _needs_native()
+    cases = [(256, 8, 40, True), (100, 3, 30, False), (16384, 8, 6, True), (4096, 32, 6, True)]
+    for v, d, n, normalise in cases:
+        cb = _codebook(v, d, seed=90 + v, normalise=normalise)
+        logits = _mixed_rows(n, v, seed=91 + v) * (2.0 if v > 1000 else 1.0)
+        noise = torch.randn(n, d, generator=torch.Generator().manual_seed(92 + v))
+        ref = _solve_with("torch", noise, logits, cb, steps=steps, solver=solver)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got = _solve_with("native", noise, logits, cb, steps=steps, solver=solver)
+            assert torch.equal(got, ref), (v, d, threads, int((got != ref).sum()))
+        full = logits[::3].clone()  # rows that all hold every code: the shared table
+        assert torch.equal(_solve_with("native", noise[::3], full, cb, steps=steps, solver=solver),
+                           _solve_with("torch", noise[::3], full, cb, steps=steps, solver=solver))  # fmt: skip
+
+
+def test_flow_exp_is_exp_to_float32_accuracy() -> None:
+    """The kernels' exp: ≤ 2 ulp-ish relative error on [−87, 0], exactly 1 at 0, exactly 0 below −87 and at −inf."""
+    x = torch.cat([-torch.rand(200000, generator=torch.Generator().manual_seed(95)) * 87.0,
+                   torch.tensor([0.0, -87.0, -87.0001, -1e4, float("-inf")])])  # fmt: skip
+    e = flow_kernels.flow_exp(x)
+    ref = torch.exp(x.double())
+    ok = x >= -87.0
+    assert float(((e[ok].double() - ref[ok]) / ref[ok]).abs().max()) < 2.5e-7
+    assert e[-5] == 1.0 and float(e[-4]) > 0.0 and bool((e[-3:] == 0).all())
+
+
+def test_without_a_compiler_the_torch_kernels_run(monkeypatch, tmp_path) -> None:
+    """No C compiler: one warning naming the cause, and the same tokens from the torch kernels."""
+    v, d, n = 300, 6, 20
+    cb = _codebook(v, d, seed=96)
+    logits = _mixed_rows(n, v, seed=97)
+    noise = torch.randn(n, d, generator=torch.Generator().manual_seed(98))
+    ref = _solve_with("torch", noise, logits, cb)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    flow_native.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no-such-compiler"):
+            assert flow_native.library() is None
+        assert torch.equal(noise_to_tokens(noise, logits, cb), ref)
+        with pytest.raises(RuntimeError, match="not available"):
+            plan = flow._plan([1.0, 0.5], "euler", torch.device("cpu")).native
+            flow_native.solve_rows(torch.zeros(1, 16), torch.zeros(9, 16), 16, 0, torch.zeros(1, 8, 10),
+                                   torch.zeros(1, 10), plan)  # fmt: skip
+    finally:
+        flow_native.library.cache_clear()
+
+
 def test_fma_chain_is_a_sequential_fused_multiply_add() -> None:
     """The kernels' chains are defined as acc ← fma(w_i, row_i, acc) over a bag's entries in order, from 0: check
     embedding_bag computes exactly that, for the widths the kernels use, including zero-weight padding at the end."""
@@ -204,7 +273,7 @@ def test_fast_map_matches_the_float64_reference(solver: str, steps: int | None) 
 
 
 def test_denoise_matches_the_reference_on_large_codebooks() -> None:
-    """The blocked weighted sums (rows longer than 1024 codes) agree with float64 to float32 accuracy."""
+    """The interleaved weighted sums agree with float64 to float32 accuracy on a LlamaGen-size codebook."""
     v, d = 16384, 8
     cb = _codebook(v, d, seed=60)
     g = torch.Generator().manual_seed(61)
