@@ -60,14 +60,15 @@ def _cache_dir() -> Path:
     raise OSError("no writable cache folder for the compiled flow kernel")
 
 
-def _compile() -> Path:
+def _compile(rebuild: bool = False) -> Path:
+    """The compiled kernel's path in the cache (compiled now if it is not there, or if ``rebuild``)."""
     cc = os.environ.get("CC") or "cc"
     if shutil.which(cc) is None:
         raise OSError(f"no C compiler ({cc!r} is not on PATH)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *CFLAGS, _cpu_id()]).encode()).hexdigest()
     target = _cache_dir() / f"flow_solve-{key[:24]}.so"
-    if target.is_file():
+    if target.is_file() and not rebuild:
         return target
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
@@ -83,12 +84,20 @@ def _compile() -> Path:
     return target
 
 
+def _load() -> ctypes.CDLL:
+    path = _compile()
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError:  # a damaged cached build: compile it again
+        return ctypes.CDLL(str(_compile(rebuild=True)))
+
+
 @lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     """The compiled kernel (compiled on the first call of the process, or loaded from the cache), or None when it
     cannot be built here (then the torch kernels run; one warning)."""
     try:
-        lib = ctypes.CDLL(str(_compile()))
+        lib = _load()
     except (OSError, subprocess.SubprocessError) as e:
         warnings.warn(f"flow map: the fused CPU kernel is unavailable ({e}); using the torch kernels (same results, "
                       "slower)", RuntimeWarning, stacklevel=2)  # fmt: skip

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -235,6 +236,23 @@ def test_without_a_compiler_the_torch_kernels_run(monkeypatch, tmp_path) -> None
             plan = flow._plan([1.0, 0.5], "euler", torch.device("cpu")).native
             flow_native.solve_rows(torch.zeros(1, 16), torch.zeros(9, 16), 16, 0, torch.zeros(1, 8, 10),
                                    torch.zeros(1, 10), plan)  # fmt: skip
+    finally:
+        flow_native.library.cache_clear()
+
+
+def test_a_damaged_cached_build_is_rebuilt(monkeypatch, tmp_path) -> None:
+    """A truncated or overwritten compiled kernel in the cache is compiled again, not loaded (and not fatal)."""
+    _needs_native()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    flow_native.library.cache_clear()
+    try:
+        built = flow_native._compile()  # built into the cache, not loaded (a loaded library is never rewritten)
+        assert built.parent == tmp_path / "distilled_decoding"
+        built.write_bytes(b"not an ELF file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert flow_native.library() is not None
+        assert built.read_bytes()[:4] == b"\x7fELF"
     finally:
         flow_native.library.cache_clear()
 
