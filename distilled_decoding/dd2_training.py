@@ -152,25 +152,42 @@ class CSDConfig(DD2TrainerConfig):
         req(self.noise_scale is None or self.noise_scale > 0, "noise_scale", self.noise_scale, "null or > 0")
 
     def semantic(self) -> dict[str, Any]:
-        """As :meth:`DD2TrainerConfig.semantic` without ``max_iters``: after the warm-up the learning rates are
-        constant and every draw depends on the update counters only, so a finished run can be extended — run it
-        again with a larger ``max_iters`` and it continues from its last checkpoint, to the weights of one run."""
-        return {k: v for k, v in super().semantic().items() if k != "max_iters"}
+        """As :meth:`DD2TrainerConfig.semantic` without ``max_iters`` and ``align_at``: after the warm-up the learning
+        rates are constant and every draw depends on the update counters only, so a finished run can be extended —
+        run it again with a larger ``max_iters`` (and, if it has not been aligned, an ``align_at`` at or after the
+        iteration it stopped at) and it continues from its last checkpoint, to the weights of one run. The checkpoint
+        records where alignment happened; :func:`train_csd` refuses an ``align_at`` that contradicts it."""
+        return {k: v for k, v in super().semantic().items() if k not in ("max_iters", "align_at")}
 
 
 class _Counter(StepCounter):
     """Checkpointed progress: ``step`` (optimizer updates of the trained model; CSD: generator iterations), ``micro``
-    (CSD: guidance updates) and ``aligned`` (CSD: performance alignment done; its ``state_dict``)."""
+    (CSD: guidance updates) and ``aligned_at`` (CSD: the iteration of the performance alignment, None before it; its
+    ``state_dict``)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.aligned = 0
+        self.aligned_at: int | None = None
+
+    @property
+    def aligned(self) -> bool:
+        return self.aligned_at is not None
 
     def state_dict(self) -> dict[str, int]:
-        return {"aligned": self.aligned}
+        return {"aligned": int(self.aligned), "aligned_at": -1 if self.aligned_at is None else self.aligned_at}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.aligned = int(state["aligned"])
+        at = int(state.get("aligned_at", -1))
+        self.aligned_at = None if at < 0 else at
+
+    def check_alignment(self, align_at: int | None, where: Path) -> None:
+        """ValueError when ``align_at`` contradicts this run's history (resumed from ``where``)."""
+        if self.aligned_at is not None and align_at != self.aligned_at:
+            raise ValueError(f"align_at={align_at}: the run in {where} was aligned at iteration {self.aligned_at}; "
+                             f"resume it with align_at={self.aligned_at}")  # fmt: skip
+        if self.aligned_at is None and align_at is not None and align_at < self.step:
+            raise ValueError(f"align_at={align_at}: the run in {where} is at iteration {self.step} and was not "
+                             f"aligned; resume it with align_at >= {self.step} or null")  # fmt: skip
 
 
 def _accelerator(cfg: DD2TrainerConfig) -> Any:
@@ -367,6 +384,7 @@ def train_csd(
     store = _store(acc, cfg, "csd", init_digest)
     if (resume := store.latest()) is not None:
         store.load(resume, acc, **states)
+        counter.check_alignment(cfg.align_at, resume)
         acc.print(f"resumed from {resume} at iteration {counter.step}")
     start = counter.step
     score = TeacherScore(teacher.to(acc.device), codebook.to(acc.device), **cfg.sampling)
@@ -401,7 +419,7 @@ def train_csd(
             ema.copy_to(generator.parameters())  # performance alignment: the generator takes its EMA weights
             for _ in range(cfg.align_guidance_steps):
                 guidance_update()
-            counter.aligned = 1
+            counter.aligned_at = counter.step
         for _ in range(cfg.guidance_steps_after_align if counter.aligned else cfg.guidance_steps):
             logs = guidance_update()
         noise, labels, t, eps = inputs(_STREAM_GEN, counter.step)

@@ -397,6 +397,27 @@ def test_a_finished_csd_run_can_be_extended(teacher, tmp_path):
                   cb, init)  # fmt: skip
 
 
+def test_an_unaligned_run_can_be_extended_with_performance_alignment(teacher, tmp_path):
+    """3 iterations without alignment, then max_iters=5 with align_at=3: the weights of one run aligned at 3; an
+    align_at that contradicts the checkpoint (passed without alignment, or a different alignment) is refused."""
+    gpt, cb = teacher
+    init = _model(gpt, cb, "posterior")
+    small = dict(batch_size=4, draws=2, guidance_steps=2, save_every=0, warmup_guidance_steps=2, progress=False,
+                 align_guidance_steps=2, sampling={"cfg_scale": 2.0})  # fmt: skip
+    g5, d5, _ = train_csd(CSDConfig(output_dir=str(tmp_path / "one"), max_iters=5, align_at=3, **small), gpt, cb, init)
+    train_csd(CSDConfig(output_dir=str(tmp_path / "two"), max_iters=3, **small), gpt, cb, init)
+    with pytest.raises(ValueError, match=r"align_at=2: the run in .* is at iteration 3 and was not aligned"):
+        train_csd(CSDConfig(output_dir=str(tmp_path / "two"), max_iters=5, align_at=2, **small), gpt, cb, init)
+    g, d, summary = train_csd(CSDConfig(output_dir=str(tmp_path / "two"), max_iters=5, align_at=3, **small), gpt, cb,
+                              init)  # fmt: skip
+    assert summary["guidance_updates"] == 3 * 2 + 2 + 2 * 2  # K = 2, the alignment's 2, then 2 after alignment
+    for a, b in ((g5, g), (d5, d)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    with pytest.raises(ValueError, match=r"align_at=None: the run in .* was aligned at iteration 3"):
+        train_csd(CSDConfig(output_dir=str(tmp_path / "two"), max_iters=6, **small), gpt, cb, init)
+
+
 def test_another_teacher_and_bad_settings_are_refused(teacher, tmp_path):
     gpt, cb = teacher
     other = randomize_(LlamaGen(**TINY_GPT), seed=77).eval()
