@@ -102,7 +102,7 @@ int dd_flow_solve(int64_t R, int64_t K, int64_t D, const float *lp, const float 
                   const int32_t *state, const int32_t *slots, const float *coefs, int64_t *out, int threads) {
     int failed = 0;
     const int64_t W = D + 2;
-#pragma omp parallel for schedule(static) num_threads(threads) reduction(| : failed)
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(| : failed) if (R > 1)
     for (int64_t r = 0; r < R; r++) {
         float *L = (float *)malloc(sizeof(float) * (size_t)(K + (D + 1) * LANES));
         if (!L) {
