@@ -285,6 +285,22 @@ def _canonical_rows(cb: CodebookLayout, log_p: Tensor, finite: Tensor, length: T
     return torch.where(valid, log_p.gather(1, index), float("-inf")), index
 
 
+def initial_state(x: Tensor, plan: SolverPlan | None) -> tuple[Tensor, Tensor]:
+    """Solver slots ``h (R, 8, D + 2)`` (the state x; the constant rows [1, 0, …] and [0, 1, …]) and the first chain
+    weights ``w (R, D + 2)`` = [1, −b, a·x] at the plan's first time (the log p alone at t = 1) for states x (R, D)."""
+    r, d = x.shape
+    h = x.new_zeros(r, _SLOTS, d + 2)
+    h[:, _ONE, 0] = 1.0
+    h[:, _B, 1] = 1.0
+    h[:, _X, 2:] = x
+    w = x.new_zeros(r, d + 2)
+    w[:, 0] = 1.0
+    if plan is not None and plan.t0 < 1.0:
+        w[:, 1] = -((1.0 - plan.t0) ** 2) / (2.0 * plan.t0**2)
+        w[:, 2:] = x * ((1.0 - plan.t0) / plan.t0**2)
+    return h, w
+
+
 class _Group:
     """Rows of one canonical length K: their log-weight chain (table: the shared codebook when every row holds
     all V codes, else each row's own copy of its codes; then each row's log p), their weighted sums, and their
@@ -307,31 +323,12 @@ class _Group:
                 torch.index_select(cb.dot[i], 0, flat, out=self.table[i * r : (i + 1) * r].view(-1))
             self.table[(d + 1) * r :] = log_p
         self.logit_bags, self.sum_bags, self.block_bags = cb.bags(r, k, None if shared else (index, length))
-        # solver slots; the first chain weights [1, −b, a·x] at the plan's first time (the log p alone at t = 1)
-        self.h = x.new_zeros(r, _SLOTS, d + 2)
-        self.h[:, _ONE, 0] = 1.0
-        self.h[:, _B, 1] = 1.0
-        self.h[:, _X, 2:] = x
-        self.w = x.new_zeros(r, d + 2)
-        self.w[:, 0] = 1.0
-        if plan is not None and plan.t0 < 1.0:
-            self.w[:, 1] = -((1.0 - plan.t0) ** 2) / (2.0 * plan.t0**2)
-            self.w[:, 2:] = x * ((1.0 - plan.t0) / plan.t0**2)
+        self.h, self.w = initial_state(x, plan)
         self.slot = {j: self.h[:, j, 2:] for j in (_X0, _X0 + 1, _X0 + 2, _X, _XE, _X0E)}
         if plan is not None:
             self.plan = plan
             self.plan_bags, self.plan_offsets, self.plan_coefs = plan.bags(r)
             self.h_rows = self.h.view(r * _SLOTS, d + 2)
-
-    def run_native(self) -> Tensor:
-        """:meth:`run` with the compiled kernel (:mod:`distilled_decoding.flow_native`, same bits): the final
-        posterior's argmax positions (R,)."""
-        r, k = self.index.shape
-        if self.shared:  # the shared codebook table, then the log p's
-            lp, codes, dim_stride, row_stride = self.table[self.cb.d + 1 :], self.cb.dot, self.cb.kp, 0
-        else:  # dimension i of row r's codes at table row i·R + r, then the log p's
-            lp, codes, dim_stride, row_stride = self.table[(self.cb.d + 1) * r :], self.table, r * k, k
-        return flow_native.solve_rows(lp, codes, dim_stride, row_stride, self.h, self.w, self.plan.native)
 
     def logits(self) -> Tensor:
         """Log-weights (R, K) at the current chain weights (−inf at padding)."""
@@ -383,12 +380,13 @@ def solve(
     same bits either way."""
     if backend not in ("auto", "torch", "native"):
         raise ValueError(f"backend={backend!r}: expected 'auto', 'torch' or 'native'")
+    if x.device.type == "cpu" and (backend == "native" or (backend == "auto" and flow_native.available())):
+        h, w = initial_state(x, plan)
+        return flow_native.solve_rows(log_p.contiguous(), cb.dot, h, w, plan.native)
     lp, index = _canonical_rows(cb, log_p, finite, length)
-    native = x.device.type == "cpu" and (backend == "native" or (backend == "auto" and flow_native.available()))
 
     def tokens(g: _Group) -> Tensor:
-        pos = g.run_native() if native else g.run().argmax(dim=1)
-        return g.index.gather(1, pos.unsqueeze(1)).squeeze(1)
+        return g.index.gather(1, g.run().argmax(dim=1, keepdim=True)).squeeze(1)
 
     k_max = lp.shape[1]
     if padded_length(int(length.min())) == k_max:  # one canonical length (the usual case)

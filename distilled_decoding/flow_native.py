@@ -104,7 +104,7 @@ def library() -> ctypes.CDLL | None:
         return None
     fn = lib.dd_flow_solve
     fn.restype = ctypes.c_int
-    fn.argtypes = [_I, _I, _I, _P, _P, _I, _I, _P, _P, _I, _P, _P, _P, _P, _P, ctypes.c_int]
+    fn.argtypes = [_I, _I, _I, _P, _P, _I, _P, _P, _I, _P, _P, _P, _P, _P, ctypes.c_int]
     return lib
 
 
@@ -135,35 +135,30 @@ def _ptr(t: Tensor, dtype: torch.dtype) -> int:
 
 
 def solve_rows(
-    lp: Tensor,
-    codes: Tensor,
-    dim_stride: int,
-    row_stride: int,
-    h: Tensor,
-    w: Tensor,
-    plan: tuple[Tensor, Tensor, Tensor, Tensor],
+    log_p: Tensor, table: Tensor, h: Tensor, w: Tensor, plan: tuple[Tensor, Tensor, Tensor, Tensor]
 ) -> Tensor:
-    """Run the solver on R rows with the compiled kernel (see ``csrc/flow_solve.c``): lp (R, K) float32 canonical
-    log p (K a multiple of 16); codes: value d of row r's code p at ``codes.view(-1)[r·row_stride + d·dim_stride +
-    p]`` (d < D; d = D: its squared norm); h (R, 8, D + 2) solver slots and w (R, D + 2) first chain weights
-    (updated in place); plan = (target (E,), state (E,), slots (E, 6) int32; coefs (E, 6) float32). → (R,) int64:
-    each row's canonical position of the final posterior's first argmax."""
+    """Run the solver on R rows with the compiled kernel (see ``csrc/flow_solve.c``): log_p (R, V) float32 row-max
+    shifted logits (−inf = excluded, ≥ 1 finite per row); table (D + 1, Kp) float32: the codes transposed, then their
+    squared norms, zero past V (:class:`~distilled_decoding.flow_kernels.CodebookLayout`'s ``dot``); h (R, 8, D + 2)
+    solver slots and w (R, D + 2) first chain weights (updated in place); plan = (target (E,), state (E,), slots
+    (E, 6) int32; coefs (E, 6) float32). → tokens (R,) int64."""
     lib = library()
     if lib is None:
         raise RuntimeError("flow kernel: not available on this machine")
-    r, k = lp.shape
-    d = h.shape[-1] - 2
-    if k % 16 or h.shape != (r, 8, d + 2) or w.shape != (r, d + 2):
-        shapes = f"lp {tuple(lp.shape)}, h {tuple(h.shape)}, w {tuple(w.shape)}"
+    r, v = log_p.shape
+    d = table.shape[0] - 1
+    if h.shape != (r, 8, d + 2) or w.shape != (r, d + 2) or table.shape[1] < v or table.shape[1] % 64:
+        shapes = f"log_p {tuple(log_p.shape)}, table {tuple(table.shape)}, h {tuple(h.shape)}, w {tuple(w.shape)}"
         raise ValueError(f"flow kernel: inconsistent shapes {shapes}")
+    if d > 1024:
+        raise ValueError(f"flow kernel: codebook dimension {d} > 1024 (its accumulators live on the stack)")
     target, state, slots, coefs = plan
     out = torch.empty(r, dtype=torch.int64)
     failed = lib.dd_flow_solve(
-        r, k, d, _ptr(lp, torch.float32), _ptr(codes, torch.float32), dim_stride, row_stride,
-        _ptr(h, torch.float32), _ptr(w, torch.float32), len(target), _ptr(target, torch.int32),
-        _ptr(state, torch.int32), _ptr(slots, torch.int32), _ptr(coefs, torch.float32), out.data_ptr(),
-        max(1, torch.get_num_threads()),
+        r, v, d, _ptr(log_p, torch.float32), _ptr(table, torch.float32), table.shape[1], _ptr(h, torch.float32),
+        _ptr(w, torch.float32), len(target), _ptr(target, torch.int32), _ptr(state, torch.int32),
+        _ptr(slots, torch.int32), _ptr(coefs, torch.float32), out.data_ptr(), max(1, torch.get_num_threads()),
     )  # fmt: skip
     if failed:
-        raise MemoryError(f"flow kernel: could not allocate {k + 17 * (d + 1)} floats of scratch per row")
+        raise MemoryError(f"flow kernel: could not allocate {(d + 5) * table.shape[1]} floats of scratch per row")
     return out

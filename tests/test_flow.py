@@ -234,8 +234,8 @@ def test_without_a_compiler_the_torch_kernels_run(monkeypatch, tmp_path) -> None
         assert torch.equal(noise_to_tokens(noise, logits, cb), ref)
         with pytest.raises(RuntimeError, match="not available"):
             plan = flow._plan([1.0, 0.5], "euler", torch.device("cpu")).native
-            flow_native.solve_rows(torch.zeros(1, 16), torch.zeros(9, 16), 16, 0, torch.zeros(1, 8, 10),
-                                   torch.zeros(1, 10), plan)  # fmt: skip
+            flow_native.solve_rows(torch.zeros(1, 64), torch.zeros(9, 64), torch.zeros(1, 8, 10), torch.zeros(1, 10),
+                                   plan)  # fmt: skip
     finally:
         flow_native.library.cache_clear()
 

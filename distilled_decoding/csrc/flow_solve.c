@@ -41,9 +41,153 @@ static inline float dd_exp(float x) {
     return x < -87.0f ? 0.0f : y * scale;
 }
 
-/* Log-weights of one row at chain weights w (D + 2) into L (K); returns their max. */
-static float row_logits(int64_t K, int64_t D, const float *lp, const float *codes, int64_t dim_stride,
-                        const float *w, float *L) {
+#if defined(__AVX512F__)
+/* 16-lane AVX-512 versions of the two passes: the same IEEE operations per lane as the portable ones below. */
+#include <immintrin.h>
+
+static inline __m512 v_exp(__m512 x) { /* dd_exp lane by lane */
+    const __m512 lo = _mm512_set1_ps(-87.0f);
+    __m512 xc = _mm512_max_ps(x, lo);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_sub_ps(xc, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
+    r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(-2.12194440e-4f)));
+    __m512 z = _mm512_mul_ps(r, r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201e-1f));
+    __m512 y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, z), r), _mm512_set1_ps(1.0f));
+    __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
+    return _mm512_maskz_mov_ps(keep, _mm512_mul_ps(y, _mm512_castsi512_ps(bits)));
+}
+
+static inline __attribute__((always_inline)) float row_logits(int64_t K, int64_t D, const float *restrict lp,
+                                                              const float *restrict codes, int64_t dim_stride,
+                                                              const float *restrict w, float *restrict L) {
+    const __m512 w0 = _mm512_set1_ps(w[0]), w1 = _mm512_set1_ps(w[1]), zero = _mm512_setzero_ps();
+    const float *norms = codes + D * dim_stride;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < K; i += LANES) {
+        __m512 acc = _mm512_fmadd_ps(w1, _mm512_loadu_ps(norms + i), _mm512_fmadd_ps(w0, _mm512_loadu_ps(lp + i), zero));
+        for (int64_t d = 0; d < D; d++)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(w[2 + d]), _mm512_loadu_ps(codes + d * dim_stride + i), acc);
+        _mm512_storeu_ps(L + i, acc);
+        mx = _mm512_max_ps(mx, acc);
+    }
+    return _mm512_reduce_max_ps(mx);
+}
+
+static inline __attribute__((always_inline)) void row_mean(int64_t K, int64_t D, const float *restrict codes,
+                                                           int64_t dim_stride, const float *restrict L, float m,
+                                                           float *restrict x0) {
+    __m512 acc[D + 1]; /* the 16 lanes of each of the D + 1 sums */
+    for (int64_t j = 0; j <= D; j++) acc[j] = _mm512_setzero_ps();
+    const __m512 mv = _mm512_set1_ps(m);
+    for (int64_t i = 0; i < K; i += LANES) {
+        __m512 a = _mm512_loadu_ps(L + i);
+        if (_mm512_reduce_max_ps(a) - m < -87.0f) continue; /* e = 0 throughout: no change */
+        __m512 e = v_exp(_mm512_sub_ps(a, mv));
+        for (int64_t d = 0; d < D; d++)
+            acc[d] = _mm512_fmadd_ps(e, _mm512_loadu_ps(codes + d * dim_stride + i), acc[d]);
+        acc[D] = _mm512_add_ps(acc[D], e);
+    }
+    float sums[D + 1];
+    for (int64_t d = 0; d <= D; d++) {
+        float t[LANES];
+        _mm512_storeu_ps(t, acc[d]);
+        float s = t[0];
+        for (int l = 1; l < LANES; l++) s = s + t[l];
+        sums[d] = s;
+    }
+    for (int64_t d = 0; d < D; d++) x0[d] = sums[d] / sums[D];
+}
+
+#elif defined(__AVX2__) && defined(__FMA__)
+/* 8-lane AVX2 versions of the two passes: the same IEEE operations per lane as the portable ones below. */
+#include <immintrin.h>
+
+static inline __m256 v_exp(__m256 x) { /* dd_exp lane by lane */
+    const __m256 lo = _mm256_set1_ps(-87.0f);
+    __m256 xc = _mm256_max_ps(x, lo);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_sub_ps(xc, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+    r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+    __m256 z = _mm256_mul_ps(r, r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(5.0000001201e-1f));
+    __m256 y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(p, z), r), _mm256_set1_ps(1.0f));
+    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(bits)), _mm256_cmp_ps(x, lo, _CMP_GE_OQ));
+}
+
+static inline float v_hmax(__m256 v) {
+    float t[8];
+    _mm256_storeu_ps(t, v);
+    float m = t[0];
+    for (int l = 1; l < 8; l++) m = t[l] > m ? t[l] : m;
+    return m;
+}
+
+static inline __attribute__((always_inline)) float row_logits(int64_t K, int64_t D, const float *restrict lp,
+                                                              const float *restrict codes, int64_t dim_stride,
+                                                              const float *restrict w, float *restrict L) {
+    const __m256 w0 = _mm256_set1_ps(w[0]), w1 = _mm256_set1_ps(w[1]), zero = _mm256_setzero_ps();
+    const float *norms = codes + D * dim_stride;
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < K; i += 8) {
+        __m256 acc = _mm256_fmadd_ps(w1, _mm256_loadu_ps(norms + i), _mm256_fmadd_ps(w0, _mm256_loadu_ps(lp + i), zero));
+        for (int64_t d = 0; d < D; d++)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(w[2 + d]), _mm256_loadu_ps(codes + d * dim_stride + i), acc);
+        _mm256_storeu_ps(L + i, acc);
+        mx = _mm256_max_ps(mx, acc);
+    }
+    return v_hmax(mx);
+}
+
+static inline __attribute__((always_inline)) void row_mean(int64_t K, int64_t D, const float *restrict codes,
+                                                           int64_t dim_stride, const float *restrict L, float m,
+                                                           float *restrict x0) {
+    __m256 acc[(D + 1) * 2]; /* lanes 0-7 and 8-15 of each of the D + 1 sums */
+    for (int64_t j = 0; j < (D + 1) * 2; j++) acc[j] = _mm256_setzero_ps();
+    const __m256 mv = _mm256_set1_ps(m);
+    for (int64_t i = 0; i < K; i += LANES) {
+        __m256 a = _mm256_loadu_ps(L + i), b = _mm256_loadu_ps(L + i + 8);
+        if (v_hmax(_mm256_max_ps(a, b)) - m < -87.0f) continue; /* e = 0 throughout: no change */
+        __m256 e0 = v_exp(_mm256_sub_ps(a, mv)), e1 = v_exp(_mm256_sub_ps(b, mv));
+        for (int64_t d = 0; d < D; d++) {
+            const float *c = codes + d * dim_stride + i;
+            acc[2 * d] = _mm256_fmadd_ps(e0, _mm256_loadu_ps(c), acc[2 * d]);
+            acc[2 * d + 1] = _mm256_fmadd_ps(e1, _mm256_loadu_ps(c + 8), acc[2 * d + 1]);
+        }
+        acc[2 * D] = _mm256_add_ps(acc[2 * D], e0);
+        acc[2 * D + 1] = _mm256_add_ps(acc[2 * D + 1], e1);
+    }
+    float sums[D + 1];
+    for (int64_t d = 0; d <= D; d++) {
+        float t[LANES];
+        _mm256_storeu_ps(t, acc[2 * d]);
+        _mm256_storeu_ps(t + 8, acc[2 * d + 1]);
+        float s = t[0];
+        for (int l = 1; l < LANES; l++) s = s + t[l];
+        sums[d] = s;
+    }
+    for (int64_t d = 0; d < D; d++) x0[d] = sums[d] / sums[D];
+}
+
+#else
+/* Portable versions. Log-weights of one row at chain weights w (D + 2) into L (K); returns their max. */
+static inline __attribute__((always_inline)) float row_logits(int64_t K, int64_t D, const float *restrict lp,
+                                                              const float *restrict codes, int64_t dim_stride,
+                                                              const float *restrict w, float *restrict L) {
     float mx[LANES];
     for (int l = 0; l < LANES; l++) mx[l] = -INFINITY;
     const float *norms = codes + D * dim_stride;
@@ -66,9 +210,11 @@ static float row_logits(int64_t K, int64_t D, const float *lp, const float *code
 }
 
 /* x̂0 of one row from its log-weights L (K) and their max m into x0 (D). acc: (D + 1) * LANES scratch. */
-static void row_mean(int64_t K, int64_t D, const float *codes, int64_t dim_stride, const float *L, float m,
-                     float *acc, float *x0) {
-    memset(acc, 0, sizeof(float) * (size_t)(D + 1) * LANES);
+static inline __attribute__((always_inline)) void row_mean(int64_t K, int64_t D, const float *restrict codes,
+                                                           int64_t dim_stride, const float *restrict L, float m,
+                                                           float *restrict x0) {
+    float acc[(D + 1) * LANES];
+    for (int64_t j = 0; j < (D + 1) * LANES; j++) acc[j] = 0.0f;
     float *den = acc + D * LANES;
     for (int64_t i = 0; i < K; i += LANES) {
         /* a group of 16 whose largest log-weight is below m − 87 has e = 0 throughout: its fma's change nothing */
@@ -92,43 +238,88 @@ static void row_mean(int64_t K, int64_t D, const float *codes, int64_t dim_strid
     for (int64_t d = 0; d < D; d++) x0[d] = acc[d * LANES] / den[0];
 }
 
-/* Solve R rows. lp (R, K) canonical log p (−inf padding; K a multiple of 16); codes: value c_dp of row r at
- * codes[r * row_stride + d * dim_stride + p] for d < D, ‖c_p‖² at d = D; h (R, 8, D + 2) solver slots and
- * w (R, D + 2) first chain weights, updated in place; per evaluation e: target[e], state[e] slots and the
- * solver chain's slots[e * 6 + k] / coefs[e * 6 + k]. out (R,): the canonical position of the final posterior's
- * first argmax. Returns 0, or 1 when scratch memory could not be allocated. */
-int dd_flow_solve(int64_t R, int64_t K, int64_t D, const float *lp, const float *codes, int64_t dim_stride,
-                  int64_t row_stride, float *h, float *w, int64_t n_eval, const int32_t *target,
-                  const int32_t *state, const int32_t *slots, const float *coefs, int64_t *out, int threads) {
+#endif
+
+/* Every evaluation and step of one row; returns the canonical position of the final posterior's first argmax. */
+static inline __attribute__((always_inline)) int64_t solve_row(int64_t K, int64_t D, const float *rl, const float *rc,
+                                                               int64_t dim_stride, float *rh, float *rw, int64_t n_eval,
+                                                               const int32_t *target, const int32_t *state,
+                                                               const int32_t *slots, const float *coefs, float *L) {
+    const int64_t W = D + 2;
+    for (int64_t e = 0; e < n_eval; e++) {
+        float m = row_logits(K, D, rl, rc, dim_stride, rw, L);
+        row_mean(K, D, rc, dim_stride, L, m, rh + target[e] * W + 2);
+        const int32_t *s = slots + e * TERMS;
+        const float *c = coefs + e * TERMS;
+        for (int64_t j = 0; j < W; j++) {
+            float a = 0.0f;
+            for (int k = 0; k < TERMS; k++) a = fmaf(c[k], rh[s[k] * W + j], a);
+            rw[j] = a;
+        }
+        memcpy(rh + state[e] * W + 2, rw + 2, sizeof(float) * (size_t)D);
+    }
+    row_logits(K, D, rl, rc, dim_stride, rw, L);
+    int64_t best = 0;
+    for (int64_t p = 1; p < K; p++)
+        if (L[p] > L[best]) best = p;
+    return best;
+}
+
+/* Solve R rows from their full logits. log_p (R, V) row-max shifted (−inf = excluded, ≥ 1 finite per row); table
+ * (D + 1, Kp): the codebook transposed, then its squared norms, zero past V (Kp = padded_length(V)); h (R, 8, D + 2)
+ * solver slots and w (R, D + 2) first chain weights, updated in place; per evaluation e: target[e], state[e] slots
+ * and the solver chain's slots[e * 6 + k] / coefs[e * 6 + k]. Each row's allowed codes in ascending id, padded to
+ * its canonical length 64·2^k (the torch kernels' layout; a row holding every code reads the table in place).
+ * out (R,): the token (code id) of each row. Returns 0, or 1 when scratch memory could not be allocated. */
+int dd_flow_solve(int64_t R, int64_t V, int64_t D, const float *log_p, const float *table, int64_t Kp, float *h,
+                  float *w, int64_t n_eval, const int32_t *target, const int32_t *state, const int32_t *slots,
+                  const float *coefs, int64_t *out, int threads) {
     int failed = 0;
     const int64_t W = D + 2;
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(| : failed) if (R > 1)
     for (int64_t r = 0; r < R; r++) {
-        float *L = (float *)malloc(sizeof(float) * (size_t)(K + (D + 1) * LANES));
+        const float *row = log_p + r * V;
+        int64_t n = 0;
+        for (int64_t j = 0; j < V; j++) n += row[j] > -INFINITY;
+        int64_t K = 64;
+        while (K < n) K *= 2;
+        const int all = n == V; /* every code: the shared table in place (K = Kp) */
+        /* scratch: log-weights (K), log p (K), the row's code values ((D + 1) K, unless all), code ids (K int64) */
+        size_t floats = (size_t)K * (all ? 2 : (size_t)(D + 5));
+        float *L = (float *)malloc(sizeof(float) * floats);
         if (!L) {
             failed = 1;
             continue;
         }
-        float *acc = L + K;
-        const float *rl = lp + r * K, *rc = codes + r * row_stride;
-        float *rh = h + r * SLOTS * W, *rw = w + r * W;
-        for (int64_t e = 0; e < n_eval; e++) {
-            float m = row_logits(K, D, rl, rc, dim_stride, rw, L);
-            row_mean(K, D, rc, dim_stride, L, m, acc, rh + target[e] * W + 2);
-            const int32_t *s = slots + e * TERMS;
-            const float *c = coefs + e * TERMS;
-            for (int64_t j = 0; j < W; j++) {
-                float a = 0.0f;
-                for (int k = 0; k < TERMS; k++) a = fmaf(c[k], rh[s[k] * W + j], a);
-                rw[j] = a;
+        float *lpc = L + K;
+        const float *rc = table;
+        int64_t stride = Kp, *ids = NULL;
+        if (all) {
+            for (int64_t p = 0; p < K; p++) lpc[p] = p < V ? row[p] : -INFINITY;
+        } else {
+            float *cc = lpc + K;
+            ids = (int64_t *)(cc + (D + 1) * K);
+            int64_t q = 0;
+            for (int64_t j = 0; j < V; j++)
+                if (row[j] > -INFINITY) ids[q++] = j;
+            for (int64_t p = 0; p < K; p++) {
+                int live = p < n;
+                int64_t j = live ? ids[p] : 0;
+                lpc[p] = live ? row[j] : -INFINITY;
+                for (int64_t d = 0; d <= D; d++) cc[d * K + p] = live ? table[d * Kp + j] : 0.0f;
             }
-            memcpy(rh + state[e] * W + 2, rw + 2, sizeof(float) * (size_t)D);
+            rc = cc, stride = K;
         }
-        row_logits(K, D, rl, rc, dim_stride, rw, L);
-        int64_t best = 0;
-        for (int64_t p = 1; p < K; p++)
-            if (L[p] > L[best]) best = p;
-        out[r] = best;
+        const float *rl = lpc;
+        float *rh = h + r * SLOTS * W, *rw = w + r * W;
+        int64_t pos;
+        if (D == 8) /* the common codebook widths get a copy with D a constant (accumulators in registers) */
+            pos = solve_row(K, 8, rl, rc, stride, rh, rw, n_eval, target, state, slots, coefs, L);
+        else if (D == 32)
+            pos = solve_row(K, 32, rl, rc, stride, rh, rw, n_eval, target, state, slots, coefs, L);
+        else
+            pos = solve_row(K, D, rl, rc, stride, rh, rw, n_eval, target, state, slots, coefs, L);
+        out[r] = all ? pos : ids[pos];
         free(L);
     }
     return failed;
