@@ -142,7 +142,8 @@ def test_killed_conversion_resumes_to_the_same_weights(saved, tmp_path):
     """SIGKILL the conversion recipe mid-fine-tuning; started again it resumes from the last complete checkpoint
     (model, optimizer, EMA, RNG of the dropouts) and ends with exactly the weights of an uninterrupted run."""
     main = _convert_main()
-    stages = ["--stages", "samples", "finetune", "save", "--threads", "1"]
+    # 40 steps, checkpoints every 2: killed at the second checkpoint (step 4), 36 steps are left to interrupt
+    stages = ["--stages", "samples", "finetune", "save", "--threads", "1", "--steps", "40"]
     main(_convert_args(saved, tmp_path / "w1", tmp_path / "o1", *stages))
     args = _convert_args(saved, tmp_path / "w2", tmp_path / "o2", *stages)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -151,7 +152,7 @@ def test_killed_conversion_resumes_to_the_same_weights(saved, tmp_path):
     marker = tmp_path / "w2" / "finetune" / "checkpoints" / "checkpoint_1" / "COMPLETE"
     deadline = time.time() + 240
     while time.time() < deadline and not marker.exists() and proc.poll() is None:
-        time.sleep(0.05)
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert marker.exists() and not (tmp_path / "o2").exists(), "the run was not killed mid-training"
