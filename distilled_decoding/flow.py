@@ -39,7 +39,6 @@ from distilled_decoding.flow_kernels import (
     SolverPlan,
     code_scale,
     codebook_layout,
-    padded_length,
     posterior,
     solve,
     solver_plan,
@@ -288,7 +287,7 @@ def noise_to_tokens(
             left out codes this many nats below a row's best, keep working; the map now evaluates every allowed
             code at every step, which is exact and on CPU faster than pruning (see
             :mod:`distilled_decoding.flow_kernels`), so the value does not change the result.
-        chunk_elements: rows are processed in chunks of at most this many (padded) codes in all, at least one
+        chunk_elements: rows are processed in chunks of at most this many codes (padded V) in all, at least one
             row. Does not change the result.
 
     Returns:
@@ -315,12 +314,10 @@ def noise_to_tokens(
         raise ValueError("noise: entries must be finite")
     x_all = noise.reshape(-1, d).float()
     plan = _plan(ts, solver, noise.device)
-    finite = torch.isfinite(log_p)
-    counts = finite.sum(dim=1)
-    rows = max(1, chunk_elements // padded_length(int(counts.max())))
+    rows = max(1, chunk_elements // cb.kp)
     for i in range(0, n, rows):
         j = i + rows
-        out[i:j] = solve(cb, log_p[i:j], finite[i:j], counts[i:j], x_all[i:j], plan)
+        out[i:j] = solve(cb, log_p[i:j], x_all[i:j], plan)
     return out.reshape(lead)
 
 

@@ -364,25 +364,18 @@ class _Group:
         return emb(table, logit_index, logit_offsets, False, 0, False, w.view(-1), False)[0]
 
 
-def solve(
-    cb: CodebookLayout,
-    log_p: Tensor,
-    finite: Tensor,
-    length: Tensor,
-    x: Tensor,
-    plan: SolverPlan,
-    backend: str = "auto",
-) -> Tensor:
-    """Tokens (N,) int64 of rows log_p (N, V) (row-max shifted float32, −inf = excluded; ``finite`` (N, V) its
-    finite entries, ``length`` (N,) their counts) from noise x (N, D) under the solver ``plan``: the argmax of
-    the posterior after the last step. ``backend``: ``"auto"`` (the compiled kernel on CPU when
-    :func:`distilled_decoding.flow_native.available`, else the torch kernels), ``"torch"`` or ``"native"``; the
-    same bits either way."""
+def solve(cb: CodebookLayout, log_p: Tensor, x: Tensor, plan: SolverPlan, backend: str = "auto") -> Tensor:
+    """Tokens (N,) int64 of rows log_p (N, V) (row-max shifted float32, −inf = excluded, ≥ 1 finite per row) from
+    noise x (N, D) under the solver ``plan``: the argmax of the posterior after the last step. ``backend``:
+    ``"auto"`` (the compiled kernel on CPU when :func:`distilled_decoding.flow_native.available`, else the torch
+    kernels), ``"torch"`` or ``"native"``; the same bits either way."""
     if backend not in ("auto", "torch", "native"):
         raise ValueError(f"backend={backend!r}: expected 'auto', 'torch' or 'native'")
     if x.device.type == "cpu" and (backend == "native" or (backend == "auto" and flow_native.available())):
         h, w = initial_state(x, plan)
         return flow_native.solve_rows(log_p.contiguous(), cb.dot, h, w, plan.native)
+    finite = torch.isfinite(log_p)
+    length = finite.sum(dim=1)
     lp, index = _canonical_rows(cb, log_p, finite, length)
 
     def tokens(g: _Group) -> Tensor:

@@ -302,11 +302,12 @@ int dd_flow_solve(int64_t R, int64_t V, int64_t D, const float *log_p, const flo
             int64_t q = 0;
             for (int64_t j = 0; j < V; j++)
                 if (row[j] > -INFINITY) ids[q++] = j;
-            for (int64_t p = 0; p < K; p++) {
-                int live = p < n;
-                int64_t j = live ? ids[p] : 0;
-                lpc[p] = live ? row[j] : -INFINITY;
-                for (int64_t d = 0; d <= D; d++) cc[d * K + p] = live ? table[d * Kp + j] : 0.0f;
+            for (int64_t p = 0; p < K; p++) lpc[p] = p < n ? row[ids[p]] : -INFINITY;
+            for (int64_t d = 0; d <= D; d++) { /* one table row at a time: ascending reads */
+                const float *src = table + d * Kp;
+                float *dst = cc + d * K;
+                for (int64_t p = 0; p < n; p++) dst[p] = src[ids[p]];
+                for (int64_t p = n; p < K; p++) dst[p] = 0.0f;
             }
             rc = cc, stride = K;
         }
