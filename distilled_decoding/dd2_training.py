@@ -174,10 +174,10 @@ class _Counter(StepCounter):
         return self.aligned_at is not None
 
     def state_dict(self) -> dict[str, int]:
-        return {"aligned": int(self.aligned), "aligned_at": -1 if self.aligned_at is None else self.aligned_at}
+        return {"aligned_at": -1 if self.aligned_at is None else self.aligned_at}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        at = int(state.get("aligned_at", -1))
+        at = int(state["aligned_at"])
         self.aligned_at = None if at < 0 else at
 
     def check_alignment(self, align_at: int | None, where: Path) -> None:

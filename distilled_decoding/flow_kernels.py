@@ -94,16 +94,19 @@ def fma_chain(index: Tensor, table: Tensor, offsets: Tensor, weights: Tensor) ->
 
 
 # Cephes expf in float32 (Cody-Waite reduction, degree-5 polynomial), op for op as csrc/flow_solve.c's dd_exp
-_EXP = {name: torch.tensor(v, dtype=torch.float32) for name, v in dict(
-    log2e=1.44269504088896341, c1=0.693359375, c2=-2.12194440e-4, p0=1.9875691500e-4, p1=1.3981999507e-3,
-    p2=8.3334519073e-3, p3=4.1665795894e-2, p4=1.6666665459e-1, p5=5.0000001201e-1, one=1.0).items()}  # fmt: skip
+_EXP = dict(log2e=1.44269504088896341, c1=0.693359375, c2=-2.12194440e-4, p0=1.9875691500e-4, p1=1.3981999507e-3,
+            p2=8.3334519073e-3, p3=4.1665795894e-2, p4=1.6666665459e-1, p5=5.0000001201e-1, one=1.0)  # fmt: skip
 _EXP_MIN = -87.0
+_exp_constants: dict[torch.device, dict[str, Tensor]] = {}
 
 
 def flow_exp(x: Tensor) -> Tensor:
     """exp(x) for float32 x ≤ 0 as the flow kernels define it (0 below −87 and at −inf): a fixed sequence of
     IEEE float32 operations, so that every device and the C kernel give the same bits. Relative error ≈ 1e-7."""
-    c = {k: v.to(x.device) for k, v in _EXP.items()} if x.device.type != "cpu" else _EXP
+    c = _exp_constants.get(x.device)
+    if c is None:  # float32 constants, made once per device (no host-to-device copy per call)
+        c = {k: torch.tensor(v, dtype=torch.float32, device=x.device) for k, v in _EXP.items()}
+        _exp_constants[x.device] = c
     xc = x.clamp_min(_EXP_MIN)
     n = torch.round(xc * c["log2e"])
     r = xc - n * c["c1"]
@@ -313,7 +316,7 @@ class _Group:
         self.cb, self.index = cb, index
         r, k = log_p.shape
         d = cb.d
-        self.shared = shared = k == cb.kp and bool((length == cb.v).all())
+        shared = k == cb.kp and bool((length == cb.v).all())
         if shared:  # table: the D dimensions and ‖c‖², then the log p's
             self.table = torch.cat([cb.dot, log_p])
         else:  # table: dimension i of row r's codes at i·R + r, then the log p's
@@ -364,14 +367,11 @@ class _Group:
         return emb(table, logit_index, logit_offsets, False, 0, False, w.view(-1), False)[0]
 
 
-def solve(cb: CodebookLayout, log_p: Tensor, x: Tensor, plan: SolverPlan, backend: str = "auto") -> Tensor:
+def solve(cb: CodebookLayout, log_p: Tensor, x: Tensor, plan: SolverPlan) -> Tensor:
     """Tokens (N,) int64 of rows log_p (N, V) (row-max shifted float32, −inf = excluded, ≥ 1 finite per row) from
-    noise x (N, D) under the solver ``plan``: the argmax of the posterior after the last step. ``backend``:
-    ``"auto"`` (the compiled kernel on CPU when :func:`distilled_decoding.flow_native.available`, else the torch
-    kernels), ``"torch"`` or ``"native"``; the same bits either way."""
-    if backend not in ("auto", "torch", "native"):
-        raise ValueError(f"backend={backend!r}: expected 'auto', 'torch' or 'native'")
-    if x.device.type == "cpu" and (backend == "native" or (backend == "auto" and flow_native.available())):
+    noise x (N, D) under the solver ``plan``: the argmax of the posterior after the last step. On CPU the compiled
+    kernel when :func:`distilled_decoding.flow_native.available`, else the torch kernels: the same bits either way."""
+    if x.device.type == "cpu" and flow_native.available():
         h, w = initial_state(x, plan)
         return flow_native.solve_rows(log_p.contiguous(), cb.dot, h, w, plan.native)
     finite = torch.isfinite(log_p)

@@ -48,16 +48,19 @@ def _cpu_id() -> str:
 
 
 def _cache_dir() -> Path:
+    """A folder for the compiled kernel that this user owns and only this user can write (a library is loaded from
+    it): ``$XDG_CACHE_HOME/distilled_decoding``, else ``~/.cache/distilled_decoding``, else one in the temp dir."""
     root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     fallback = Path(tempfile.gettempdir()) / f"distilled_decoding-{os.getuid()}"
     for folder in (Path(root) / "distilled_decoding", fallback):
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            if os.access(folder, os.W_OK):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = folder.stat()
+            if st.st_uid == os.getuid() and not st.st_mode & 0o022 and os.access(folder, os.W_OK):
                 return folder
         except OSError:
             continue
-    raise OSError("no writable cache folder for the compiled flow kernel")
+    raise OSError("no cache folder for the compiled flow kernel that only this user can write")
 
 
 def _compile(rebuild: bool = False) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import tempfile
 import warnings
 
 import pytest
@@ -207,6 +208,31 @@ def test_the_compiled_kernel_gives_the_torch_kernels_bits(solver: str, steps: in
                            _solve_with("torch", noise[::3], full, cb, steps=steps, solver=solver))  # fmt: skip
 
 
+def test_the_compiled_kernel_leaves_the_torch_kernels_solver_state() -> None:
+    """Not only the tokens: every x̂0, state and chain weight the two implementations hold after the last step is the
+    same bit for bit (rows of each canonical length, full rows and top-k rows, V = 16,384 and V = 100)."""
+    _needs_native()
+    for v, d, n, solver in [(16384, 8, 8, "dpm3m"), (100, 3, 24, "heun"), (4096, 32, 6, "dpm2m")]:
+        cb = _codebook(v, d, seed=93 + v, normalise=v != 100)
+        logits = _mixed_rows(n, v, seed=94 + v) * 2.0
+        x = torch.randn(n, d, generator=torch.Generator().manual_seed(95 + v))
+        layout = flow_kernels.codebook_layout(cb)
+        plan = flow._plan(flow.solver_times(cb)[0], solver, x.device)
+        log_p = flow.shifted_log_p(logits)
+        finite = torch.isfinite(log_p)
+        length = finite.sum(dim=1)
+        lp, index = flow_kernels._canonical_rows(layout, log_p, finite, length)
+        kk = torch.tensor([flow_kernels.padded_length(int(m)) for m in length])
+        for k in kk.unique().tolist():
+            ids = (kk == k).nonzero().squeeze(1)
+            group = flow_kernels._Group(layout, lp[ids, :k].contiguous(), index[ids, :k], length[ids], x[ids], plan)
+            tokens = group.index.gather(1, group.run().argmax(dim=1, keepdim=True)).squeeze(1)
+            h, w = flow_kernels.initial_state(x[ids], plan)
+            native = flow_native.solve_rows(log_p[ids].contiguous(), layout.dot, h, w, plan.native)
+            assert torch.equal(native, tokens), (v, k)
+            assert torch.equal(h, group.h) and torch.equal(w, group.w), (v, k, float((h - group.h).abs().max()))
+
+
 def test_flow_exp_is_exp_to_float32_accuracy() -> None:
     """The kernels' exp: ≤ 2 ulp-ish relative error on [−87, 0], exactly 1 at 0, exactly 0 below −87 and at −inf."""
     x = torch.cat([-torch.rand(200000, generator=torch.Generator().manual_seed(95)) * 87.0,
@@ -255,6 +281,19 @@ def test_a_damaged_cached_build_is_rebuilt(monkeypatch, tmp_path) -> None:
         assert built.read_bytes()[:4] == b"\x7fELF"
     finally:
         flow_native.library.cache_clear()
+
+
+def test_the_kernel_cache_is_never_a_folder_others_can_write(monkeypatch, tmp_path) -> None:
+    """A library is loaded from the cache: a cache folder that others can write is passed over (for a private one)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    shared = tmp_path / "xdg" / "distilled_decoding"
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)
+    folder = flow_native._cache_dir()
+    assert folder == tmp_path / "tmp" / f"distilled_decoding-{os.getuid()}"
+    assert folder.stat().st_mode & 0o077 == 0
 
 
 def test_fma_chain_is_a_sequential_fused_multiply_add() -> None:
