@@ -3,9 +3,12 @@ chunking, threads), the kernels' arithmetic, convergence, extreme inputs, valida
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import platform
 import shutil
+import subprocess
 import tempfile
 import warnings
 
@@ -208,10 +211,7 @@ def test_the_compiled_kernel_gives_the_torch_kernels_bits(solver: str, steps: in
                            _solve_with("torch", noise[::3], full, cb, steps=steps, solver=solver))  # fmt: skip
 
 
-def test_the_compiled_kernel_leaves_the_torch_kernels_solver_state() -> None:
-    """Not only the tokens: every x̂0, state and chain weight the two implementations hold after the last step is the
-    same bit for bit (rows of each canonical length, full rows and top-k rows, V = 16,384 and V = 100)."""
-    _needs_native()
+def _check_solver_state_bits() -> None:
     for v, d, n, solver in [(16384, 8, 8, "dpm3m"), (100, 3, 24, "heun"), (4096, 32, 6, "dpm2m")]:
         cb = _codebook(v, d, seed=93 + v, normalise=v != 100)
         logits = _mixed_rows(n, v, seed=94 + v) * 2.0
@@ -231,6 +231,34 @@ def test_the_compiled_kernel_leaves_the_torch_kernels_solver_state() -> None:
             native = flow_native.solve_rows(log_p[ids].contiguous(), layout.dot, h, w, plan.native)
             assert torch.equal(native, tokens), (v, k)
             assert torch.equal(h, group.h) and torch.equal(w, group.w), (v, k, float((h - group.h).abs().max()))
+
+
+def test_the_compiled_kernel_leaves_the_torch_kernels_solver_state() -> None:
+    """Not only the tokens: every x̂0, state and chain weight the two implementations hold after the last step is the
+    same bit for bit (rows of each canonical length, full rows and top-k rows, V = 16,384 and V = 100; evaluations
+    where the kernel's guess of the max log-weight holds, one pass, and where it fails, two passes)."""
+    _needs_native()
+    _check_solver_state_bits()
+
+
+@pytest.mark.parametrize("flags", [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")],
+                         ids=["avx2", "portable"])  # fmt: skip
+def test_every_instruction_set_version_of_the_kernel_gives_the_same_bits(flags, monkeypatch, tmp_path) -> None:
+    """The kernel's AVX-512, AVX2 and portable C versions (whichever this CPU runs by default, the others built here
+    with the instruction sets switched off) all leave the torch kernels' solver state, bit for bit."""
+    _needs_native()
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("instruction-set switches of x86 compilers")
+    lib = tmp_path / "flow_solve.so"
+    cc = os.environ.get("CC") or "cc"
+    subprocess.run([cc, *flow_native.CFLAGS, *flags, str(flow_native.SOURCE), "-o", str(lib), "-lm"], check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+    monkeypatch.setattr(flow_native, "_load", lambda: ctypes.CDLL(str(lib)))
+    flow_native.library.cache_clear()
+    try:
+        _check_solver_state_bits()
+    finally:
+        flow_native.library.cache_clear()
 
 
 def test_flow_exp_is_exp_to_float32_accuracy() -> None:

@@ -11,6 +11,12 @@
  *                w = fma chain over the evaluation's six (coefficient, slot) terms, and the state slot ← w[2:].
  *
  * One row per OpenMP iteration (static schedule): a row's bits do not depend on the batch or the thread count.
+ *
+ * Speed (AVX-512): an evaluation is one pass over the codes when the position holding the last evaluation's largest
+ * log-weight (at first: log p's) still holds it: the weights are taken relative to that log-weight as they are
+ * computed, and the pass's true max confirms the guess (then every value above is the same); otherwise (a few of
+ * ~24 evaluations per row) the pass is discarded and the two passes run: log-weights and their max, then the sums.
+ * Groups of 16 are handled four at a time so that their exp's dependency chains overlap.
  */
 #include <math.h>
 #include <stdint.h>
@@ -81,20 +87,29 @@ static inline __attribute__((always_inline)) float row_logits(int64_t K, int64_t
     return _mm512_reduce_max_ps(mx);
 }
 
-static inline __attribute__((always_inline)) void row_mean(int64_t K, int64_t D, const float *restrict codes,
-                                                           int64_t dim_stride, const float *restrict L, float m,
-                                                           float *restrict x0) {
-    __m512 acc[D + 1]; /* the 16 lanes of each of the D + 1 sums */
-    for (int64_t j = 0; j <= D; j++) acc[j] = _mm512_setzero_ps();
-    const __m512 mv = _mm512_set1_ps(m);
-    for (int64_t i = 0; i < K; i += LANES) {
-        __m512 a = _mm512_loadu_ps(L + i);
-        if (_mm512_reduce_max_ps(a) - m < -87.0f) continue; /* e = 0 throughout: no change */
-        __m512 e = v_exp(_mm512_sub_ps(a, mv));
-        for (int64_t d = 0; d < D; d++)
-            acc[d] = _mm512_fmadd_ps(e, _mm512_loadu_ps(codes + d * dim_stride + i), acc[d]);
-        acc[D] = _mm512_add_ps(acc[D], e);
-    }
+#define DD_FUSED 1
+
+/* The weights of 4 consecutive groups of 16 codes from i, at x = log-weight − max (4 × 16), added into the D + 1
+ * accumulators: acc[d] ← fma(e, c_d, acc[d]) group after group (the order of the 16 fma chains); a group whose
+ * x < −87 throughout has e = 0 and fma(0, c, acc) = acc, so a block of dead groups is skipped. Four groups at a
+ * time: the exp's long dependency chain of one group overlaps the others'. */
+static inline __attribute__((always_inline)) void block_sums(int64_t D, const float *restrict codes,
+                                                             int64_t dim_stride, int64_t i, const __m512 *x,
+                                                             __m512 *acc) {
+    const __m512 lo = _mm512_set1_ps(-87.0f);
+    __mmask16 live = 0;
+    for (int u = 0; u < 4; u++) live |= _mm512_cmp_ps_mask(x[u], lo, _CMP_GE_OQ);
+    if (!live) return;
+    __m512 e[4];
+    for (int u = 0; u < 4; u++) e[u] = v_exp(x[u]);
+    for (int64_t d = 0; d < D; d++)
+        for (int u = 0; u < 4; u++)
+            acc[d] = _mm512_fmadd_ps(e[u], _mm512_loadu_ps(codes + d * dim_stride + i + u * LANES), acc[d]);
+    for (int u = 0; u < 4; u++) acc[D] = _mm512_add_ps(acc[D], e[u]);
+}
+
+/* x̂0 = sums[:D] / sums[D] from the accumulators' 16 lanes each, summed in lane order. */
+static inline __attribute__((always_inline)) void finish_mean(int64_t D, const __m512 *acc, float *restrict x0) {
     float sums[D + 1];
     for (int64_t d = 0; d <= D; d++) {
         float t[LANES];
@@ -104,6 +119,48 @@ static inline __attribute__((always_inline)) void row_mean(int64_t K, int64_t D,
         sums[d] = s;
     }
     for (int64_t d = 0; d < D; d++) x0[d] = sums[d] / sums[D];
+}
+
+static inline __attribute__((always_inline)) void row_mean(int64_t K, int64_t D, const float *restrict codes,
+                                                           int64_t dim_stride, const float *restrict L, float m,
+                                                           float *restrict x0) {
+    __m512 acc[D + 1], x[4];
+    for (int64_t j = 0; j <= D; j++) acc[j] = _mm512_setzero_ps();
+    const __m512 mv = _mm512_set1_ps(m);
+    for (int64_t i = 0; i < K; i += 4 * LANES) { /* K is a multiple of 64 */
+        for (int u = 0; u < 4; u++) x[u] = _mm512_sub_ps(_mm512_loadu_ps(L + i + u * LANES), mv);
+        block_sums(D, codes, dim_stride, i, x, acc);
+    }
+    finish_mean(D, acc, x0);
+}
+
+/* row_logits and row_mean in one pass at a guessed max mh (one of the row's log-weights): x̂0 into x0 as
+ * row_mean(…, mh) computes it; returns the true max (L is not written). The result is row_mean's, bit for bit,
+ * when the returned max equals mh; otherwise the caller discards x0 and runs the two passes. */
+static inline __attribute__((always_inline)) float row_fused(int64_t K, int64_t D, const float *restrict lp,
+                                                             const float *restrict codes, int64_t dim_stride,
+                                                             const float *restrict w, float mh, float *restrict x0) {
+    const __m512 w0 = _mm512_set1_ps(w[0]), w1 = _mm512_set1_ps(w[1]), zero = _mm512_setzero_ps();
+    const __m512 mv = _mm512_set1_ps(mh);
+    const float *norms = codes + D * dim_stride;
+    __m512 mx = _mm512_set1_ps(-INFINITY), acc[D + 1], l[4];
+    for (int64_t j = 0; j <= D; j++) acc[j] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < K; i += 4 * LANES) {
+        for (int u = 0; u < 4; u++)
+            l[u] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(norms + i + u * LANES),
+                                   _mm512_fmadd_ps(w0, _mm512_loadu_ps(lp + i + u * LANES), zero));
+        for (int64_t d = 0; d < D; d++)
+            for (int u = 0; u < 4; u++)
+                l[u] = _mm512_fmadd_ps(_mm512_set1_ps(w[2 + d]), _mm512_loadu_ps(codes + d * dim_stride + i + u * LANES),
+                                       l[u]);
+        for (int u = 0; u < 4; u++) {
+            mx = _mm512_max_ps(mx, l[u]);
+            l[u] = _mm512_sub_ps(l[u], mv);
+        }
+        block_sums(D, codes, dim_stride, i, l, acc);
+    }
+    finish_mean(D, acc, x0);
+    return _mm512_reduce_max_ps(mx);
 }
 
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -246,9 +303,22 @@ static inline __attribute__((always_inline)) int64_t solve_row(int64_t K, int64_
                                                                const int32_t *target, const int32_t *state,
                                                                const int32_t *slots, const float *coefs, float *L) {
     const int64_t W = D + 2;
+    int64_t top = 0; /* a position of the last evaluation's largest log-weight (at first: of log p) */
+    for (int64_t p = 1; p < K; p++) top = rl[p] > rl[top] ? p : top;
     for (int64_t e = 0; e < n_eval; e++) {
-        float m = row_logits(K, D, rl, rc, dim_stride, rw, L);
-        row_mean(K, D, rc, dim_stride, L, m, rh + target[e] * W + 2);
+        float *x0 = rh + target[e] * W + 2;
+        int done = 0;
+#ifdef DD_FUSED
+        /* one pass at a guessed max: the log-weight at top, unless another position's is larger after this step */
+        float mh = fmaf(rw[1], rc[D * dim_stride + top], fmaf(rw[0], rl[top], 0.0f));
+        for (int64_t d = 0; d < D; d++) mh = fmaf(rw[2 + d], rc[d * dim_stride + top], mh);
+        done = row_fused(K, D, rl, rc, dim_stride, rw, mh, x0) == mh;
+#endif
+        if (!done) {
+            float m = row_logits(K, D, rl, rc, dim_stride, rw, L);
+            row_mean(K, D, rc, dim_stride, L, m, x0);
+            for (top = 0; L[top] != m; top++) {}
+        }
         const int32_t *s = slots + e * TERMS;
         const float *c = coefs + e * TERMS;
         for (int64_t j = 0; j < W; j++) {
@@ -258,10 +328,9 @@ static inline __attribute__((always_inline)) int64_t solve_row(int64_t K, int64_
         }
         memcpy(rh + state[e] * W + 2, rw + 2, sizeof(float) * (size_t)D);
     }
-    row_logits(K, D, rl, rc, dim_stride, rw, L);
+    float m = row_logits(K, D, rl, rc, dim_stride, rw, L);
     int64_t best = 0;
-    for (int64_t p = 1; p < K; p++)
-        if (L[p] > L[best]) best = p;
+    while (L[best] != m) best++;
     return best;
 }
 
