@@ -69,6 +69,8 @@ _EXPORTS = {
     # Distilled Decoding 2
     "ARDiffusion": "distilled_decoding.students.dd2",
     "DD2Generator": "distilled_decoding.students.dd2",
+    "VARARDiffusion": "distilled_decoding.students.dd2_var",
+    "DD2VARGenerator": "distilled_decoding.students.dd2_var",
     "TeacherScore": "distilled_decoding.teacher_score",
     "teacher_logits": "distilled_decoding.teacher_score",
     "GTSConfig": "distilled_decoding.dd2_training",
@@ -166,6 +168,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from distilled_decoding.sampling import FlowChooser, MultinomialChooser, sample_tokens
     from distilled_decoding.students import student_from_teacher
     from distilled_decoding.students.dd2 import ARDiffusion, DD2Generator
+    from distilled_decoding.students.dd2_var import DD2VARGenerator, VARARDiffusion
     from distilled_decoding.students.llamagen import DDStudent
     from distilled_decoding.students.par import DDPARStudent
     from distilled_decoding.students.var import DDVARStudent

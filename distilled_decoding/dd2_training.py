@@ -1,10 +1,13 @@
 """Distilled Decoding 2 training with Hugging Face Accelerate: GTS initialisation (stage 1) and CSD (stage 2).
 
-* :func:`train_gts` — an :class:`~distilled_decoding.students.dd2.ARDiffusion` made from the teacher, tuned with the
-  ground-truth-score loss (:func:`~distilled_decoding.losses.gts_loss`) on token sequences the teacher sampled (a
-  trajectory folder: :func:`~distilled_decoding.trajectories.build_trajectories`; no images, noise not needed).
-* :func:`train_csd` — a :class:`~distilled_decoding.students.dd2.DD2Generator` and a guidance network, both initialised
-  from the GTS model, trained alternately: each iteration K guidance updates on fresh generated batches
+* :func:`train_gts` — the AR-diffusion model of the teacher's family (the family registry's ``dd2_model``:
+  :class:`~distilled_decoding.students.dd2.ARDiffusion` for LlamaGen, :class:`~distilled_decoding.students.dd2_var.
+  VARARDiffusion` for VAR) made from the teacher, tuned with the ground-truth-score loss (:func:`~distilled_decoding.
+  losses.gts_loss`) on token sequences the teacher sampled (a trajectory folder: :func:`~distilled_decoding.
+  trajectories.build_trajectories`; no images, noise not needed).
+* :func:`train_csd` — the family's one-step generator (``dd2_generator``: :class:`~distilled_decoding.students.dd2.
+  DD2Generator`, :class:`~distilled_decoding.students.dd2_var.DD2VARGenerator`) and a guidance network, both
+  initialised from the GTS model, trained alternately: each iteration K guidance updates on fresh generated batches
   (:func:`~distilled_decoding.losses.guidance_loss`), then one generator update (:func:`~distilled_decoding.losses.
   csd_generator_loss`); progressive EMA of the generator ``min(ema_max, (it + 1)/(it + 10))`` (diffusers' EMAModel);
   optional performance alignment at iteration ``align_at`` (the generator takes its EMA weights, the guidance network
@@ -32,10 +35,10 @@ from tqdm.auto import tqdm
 from distilled_decoding.configs import ValidatedConfig
 from distilled_decoding.distill import StepCounter
 from distilled_decoding.losses import csd_generator_loss, draw_times_and_noise, gts_loss, guidance_loss
-from distilled_decoding.model_config import config_fields
 from distilled_decoding.provenance import teacher_fingerprint
-from distilled_decoding.students.dd2 import HEAD_BASES, ARDiffusion, ARDiffusionConfig, DD2Generator, check_made_from
+from distilled_decoding.students.dd2 import HEAD_BASES, ARDiffusionModel, OneStepGenerator, check_made_from
 from distilled_decoding.teacher_score import TeacherScore, check_sampling
+from distilled_decoding.teachers.base import families, family_of, get_family
 
 __all__ = ["CSDConfig", "DD2TrainerConfig", "GTSConfig", "train_csd", "train_gts"]
 
@@ -85,7 +88,9 @@ class DD2TrainerConfig(ValidatedConfig):
 @dataclass
 class GTSConfig(DD2TrainerConfig):
     """Stage 1. ``train``: "all" (transformer, input and head) or "head" (the head only); ``head_*`` /
-    ``input_hidden``: the AR-diffusion model made from the teacher (:meth:`ARDiffusion.from_teacher`)."""
+    ``input_hidden``: the AR-diffusion model made from the teacher by its family's ``from_teacher`` (VAR teachers
+    already read continuous vectors: ``input_hidden`` 0 keeps their ``word_embed`` alone; > 0 adds a residual MLP that
+    starts at zero)."""
 
     max_steps: int = 300
     lr: float = 3e-4
@@ -107,12 +112,13 @@ class GTSConfig(DD2TrainerConfig):
         req(self.train in ("all", "head"), "train", self.train, "'all' or 'head'")
         req(self.head_base in HEAD_BASES, "head_base", self.head_base, f"one of {HEAD_BASES}")
 
-    def initial_model(self, teacher: Any, codebook: Tensor) -> ARDiffusion:
-        """The untuned AR-diffusion model of these settings (:meth:`ARDiffusion.from_teacher`, head seeded by
-        ``seed``): what stage 1 starts from, and the no-GTS ablation's initialisation."""
-        return ARDiffusion.from_teacher(teacher, codebook.cpu(), input_hidden=self.input_hidden,
-                                        head_width=self.head_width, head_depth=self.head_depth,
-                                        head_base=self.head_base, seed=self.seed)  # fmt: skip
+    def initial_model(self, teacher: Any, codebook: Tensor) -> ARDiffusionModel:
+        """The untuned AR-diffusion model of these settings, made from ``teacher`` by its family's class (the
+        registry's ``dd2_model``: ``from_teacher``, head seeded by ``seed``): what stage 1 starts from, and the no-GTS
+        ablation's initialisation. ValueError naming the family when DD2 does not serve it."""
+        return family_of(teacher).dd2_model_class.from_teacher(
+            teacher, codebook.cpu(), input_hidden=self.input_hidden, head_width=self.head_width,
+            head_depth=self.head_depth, head_base=self.head_base, seed=self.seed)  # fmt: skip
 
 
 @dataclass
@@ -263,8 +269,13 @@ def _summary(out: Path, acc: Any, seconds: float, start: int, counter: _Counter,
 # stage 1: GTS
 # ------------------------------------------------------------------------------------------------------------
 def train_gts(
-    cfg: GTSConfig, teacher: Any, codebook: Tensor, tokens: Tensor, labels: Tensor, model: ARDiffusion | None = None
-) -> tuple[ARDiffusion, dict]:
+    cfg: GTSConfig,
+    teacher: Any,
+    codebook: Tensor,
+    tokens: Tensor,
+    labels: Tensor,
+    model: ARDiffusionModel | None = None,
+) -> tuple[ARDiffusionModel, dict]:
     """Stage 1: ``model`` (default :meth:`GTSConfig.initial_model`) tuned with the GTS loss on
     the teacher's token sequences ``tokens`` (M, N) long with their class ``labels`` (M,). Returns (the EMA model in
     eval mode on the CPU, the run's summary); writes ``train_summary.json`` and checkpoints under ``output_dir``."""
@@ -340,21 +351,24 @@ def train_gts(
 # stage 2: CSD
 # ------------------------------------------------------------------------------------------------------------
 def train_csd(
-    cfg: CSDConfig, teacher: Any, codebook: Tensor, init: ARDiffusion
-) -> tuple[DD2Generator, ARDiffusion, dict]:
-    """Stage 2: generator and guidance network both initialised from ``init`` (the GTS model; the teacher-made
-    :class:`ARDiffusion` for the no-GTS ablation). Returns (generator with its EMA weights, guidance network, the run's
-    summary), in eval mode on the CPU; writes ``train_summary.json`` and checkpoints under ``output_dir``."""
+    cfg: CSDConfig, teacher: Any, codebook: Tensor, init: ARDiffusionModel
+) -> tuple[OneStepGenerator, ARDiffusionModel, dict]:
+    """Stage 2: generator (the registry's ``dd2_generator`` of ``init``'s family) and guidance network both
+    initialised from ``init`` (the GTS model; the teacher-made AR-diffusion model for the no-GTS ablation). Returns
+    (generator with its EMA weights, guidance network, the run's summary), in eval mode on the CPU; writes
+    ``train_summary.json`` and checkpoints under ``output_dir``."""
     from diffusers.training_utils import EMAModel
 
-    if not isinstance(init, ARDiffusion):
-        raise TypeError(f"init: expected an ARDiffusion (the GTS model), got {type(init).__name__}")
+    if not isinstance(init, ARDiffusionModel):
+        names = " or ".join(f.dd2_model.rpartition(":")[2] for f in families().values() if f.dd2_model)
+        raise TypeError(f"init: expected an {names} (the GTS model), got {type(init).__name__}")
     check_made_from(init, teacher, codebook, "GTS model")
     acc = _accelerator(cfg)
     out = Path(cfg.output_dir)
-    generator = DD2Generator.from_ar_diffusion(init, generator_t=cfg.generator_t, noise_scale=cfg.noise_scale)
-    guidance = ARDiffusion(**{k: init.config[k] for k in config_fields(ARDiffusionConfig)})
-    guidance.load_state_dict(init.state_dict())
+    generator = get_family(init.family).dd2_generator_class.from_ar_diffusion(
+        init, generator_t=cfg.generator_t, noise_scale=cfg.noise_scale
+    )
+    guidance = init.replica()
     generator.train()
     guidance.train()
     guide_params = list(guidance.parameters())

@@ -3,8 +3,10 @@
 * ``dd1`` — Distilled Decoding: (noise, tokens) trajectory pairs → a few-step student of the teacher's family
   (:func:`~distilled_decoding.distill.train_student`).
 * ``dd2`` — Distilled Decoding 2: the trajectory folder's token sequences → GTS initialisation → conditional score
-  distillation → a one-step :class:`~distilled_decoding.students.dd2.DD2Generator`
-  (:mod:`distilled_decoding.dd2_training`); settings in the recipe's ``dd2`` section (:class:`DD2Config`).
+  distillation → a one-step generator of the teacher's family (the family registry's ``dd2_model`` /
+  ``dd2_generator``: LlamaGen's :class:`~distilled_decoding.students.dd2.DD2Generator`, VAR's
+  :class:`~distilled_decoding.students.dd2_var.DD2VARGenerator`) (:mod:`distilled_decoding.dd2_training`); settings
+  in the recipe's ``dd2`` section (:class:`DD2Config`).
 
 A method gives the ``train`` stage, the class of the student it saves (checked when a saved student is packaged),
 the settings recorded in the student's ``training.json`` and extra rows of the evaluation table.
@@ -150,20 +152,23 @@ def _dd2_train(cfg: Any, teacher: Any, tokenizer: Any, state: Any) -> Any:
 def _dd2_samplers(cfg: Any, pipe: Any) -> list[Any]:
     """The GTS model's own row (``euler_steps`` Euler steps per token), when it was trained."""
     from distilled_decoding.samplers import ARDiffusionSampler
-    from distilled_decoding.students.dd2 import ARDiffusion
+    from distilled_decoding.teachers import get_family
 
     final = Path(cfg.distill.output_dir) / "gts" / "final"
     if cfg.dd2.init != "gts" or not (final / "config.json").is_file():
         return []
-    return [ARDiffusionSampler(ARDiffusion.from_pretrained(final).eval(), cfg.dd2.euler_steps)]
+    model = get_family(cfg.teacher.kind).dd2_model_class.from_pretrained(final).eval()
+    return [ARDiffusionSampler(model, cfg.dd2.euler_steps)]
 
 
 def _dd2_student(kind: str) -> type:
-    from distilled_decoding.students.dd2 import DD2Generator
+    """The one-step generator class of the teacher family ``kind`` (the registry's ``dd2_generator``)."""
+    from distilled_decoding.teachers import get_family
 
-    if kind != DD2Generator.family:
-        raise ConfigError(f"distill.method: 'dd2' is implemented for {DD2Generator.family!r} teachers, not {kind!r}")
-    return DD2Generator
+    try:
+        return get_family(kind).dd2_generator_class
+    except ValueError as e:
+        raise ConfigError(f"distill.method='dd2': {e}") from None
 
 
 METHODS: dict[str, Method] = {

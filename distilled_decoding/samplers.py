@@ -199,8 +199,9 @@ class RefinedSampler:
 
 @dataclass
 class ARDiffusionSampler:
-    """A DD2 AR-diffusion model (:class:`~distilled_decoding.students.dd2.ARDiffusion`, e.g. the GTS model) sampled
-    token by token with ``euler_steps`` Euler steps each from the token's own noise (DD2 App. B.3)."""
+    """A DD2 AR-diffusion model (:class:`~distilled_decoding.students.dd2.ARDiffusionModel`, e.g. the GTS model)
+    sampled step by step (LlamaGen: token by token; VAR: scale by scale) with ``euler_steps`` Euler steps per token
+    from the token's own noise (DD2 App. B.3)."""
 
     model: Any
     euler_steps: int = 10
@@ -211,7 +212,7 @@ class ARDiffusionSampler:
 
     @property
     def steps(self) -> int:
-        return self.model.seq_len
+        return self.model.num_steps
 
     @torch.no_grad()
     def __call__(self, noise: Tensor, condition: Any) -> tuple[Tensor, Tensor]:

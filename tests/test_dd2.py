@@ -8,11 +8,6 @@ binning bias), and likewise the score E[−ε/t | A] and the velocity E[ε − x
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +22,8 @@ from distilled_decoding.sampling import MultinomialChooser, sample_tokens
 from distilled_decoding.students.dd2 import ARDiffusion, DD2Generator
 from distilled_decoding.teacher_score import TeacherScore, teacher_logits
 
-from .conftest import TINY_GPT, TINY_VQ, randomize_
+from .conftest import TINY_GPT, TINY_TEACHERS, TINY_VQ, randomize_
+from .dd2_parts import SAMPLING, TEACHER_SEED, assert_killed_run_resumes, assert_two_processes_equal_one
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "distill_llamagen.py"
@@ -256,78 +252,16 @@ def test_generator_is_a_one_step_student(teacher, tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------------------
-_SCRIPT = """
-import sys, torch
-sys.path.insert(0, {root!r})
-torch.set_num_threads(1)
-from tests.conftest import TINY_GPT, randomize_
-from distilled_decoding import LlamaGen
-from distilled_decoding.dd2_training import CSDConfig, GTSConfig, train_csd, train_gts
-from distilled_decoding.sampling import sample_tokens
-gpt = randomize_(LlamaGen(**TINY_GPT), seed=5).eval()
-cb = torch.nn.functional.normalize(torch.randn(64, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
-out = sys.argv[1]
-sampling = {{"cfg_scale": 2.0, "top_k": 32}}
-labels = torch.arange(32) % 10
-tokens = sample_tokens(gpt, labels, generator=torch.Generator().manual_seed(1), **sampling)
-small = dict(batch_size=4, draws=2, save_every=2, progress=False, sampling=sampling)
-gts, _ = train_gts(GTSConfig(output_dir=out + "/gts", max_steps=4, head_width=32, head_depth=1, input_hidden=128,
-                             **small), gpt, cb, tokens, labels)
-gen, guide, _ = train_csd(CSDConfig(output_dir=out + "/csd", max_iters=int(sys.argv[2]), guidance_steps=2, align_at=3,
-                                    align_guidance_steps=2, warmup_guidance_steps=4, **small), gpt, cb, gts)
-import accelerate
-if accelerate.PartialState().is_main_process:
-    gts.save_pretrained(out + "/gts/final")
-    gen.save_pretrained(out + "/csd/generator")
-    guide.save_pretrained(out + "/csd/guidance")
-"""
-
-
-def _run_script(tmp_path: Path, out: Path, iters: int, kill_at: Path | None = None) -> None:
-    script = tmp_path / "train_dd2.py"
-    script.write_text(_SCRIPT.format(root=str(ROOT)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(script), str(out), str(iters)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    if kill_at is None:
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err.decode()[-3000:]
-        return
-    deadline = time.time() + 600
-    while time.time() < deadline and not kill_at.exists() and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
-def _state(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
-
-
 @pytest.mark.slow
 def test_killed_dd2_training_resumes_to_the_same_weights(tmp_path):
-    """SIGKILL during CSD (after its second checkpoint, before the end; performance alignment at iteration 3);
-    started again, GTS resumes at its end and CSD from its last complete checkpoint: generator (EMA) and guidance
-    weights equal an uninterrupted run's bit for bit."""
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    _run_script(tmp_path, full, 6)
-    _run_script(tmp_path, killed, 6, kill_at=killed / "csd" / "checkpoints" / "checkpoint_1" / "COMPLETE")
-    assert (killed / "csd" / "checkpoints" / "checkpoint_1").exists() and not (killed / "csd" / "generator").exists()
-    _run_script(tmp_path, killed, 6)
-    for part in ("gts/final", "csd/generator", "csd/guidance"):
-        a, b = _state(full / part), _state(killed / part)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
-    init, gen = _state(full / "gts" / "final"), _state(full / "csd" / "generator")
-    assert max(float((gen[k] - init[k]).abs().max()) for k in gen) > 1e-4  # it trained
-    # a run with other settings does not resume these checkpoints
+    """SIGKILL during CSD, started again: the weights of an uninterrupted run bit for bit (:mod:`tests.dd2_parts`);
+    a run with other settings does not resume these checkpoints."""
+    full = assert_killed_run_resumes(tmp_path, "llamagen")
     with pytest.raises(ValueError, match="saved by a run with other training settings"):
-        gpt = randomize_(LlamaGen(**TINY_GPT), seed=5).eval()
-        cb = torch.nn.functional.normalize(torch.randn(64, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+        gpt, cb = TINY_TEACHERS["llamagen"](TEACHER_SEED)
         init_model = ARDiffusion.from_pretrained(full / "gts" / "final")
         train_csd(CSDConfig(output_dir=str(full / "csd"), max_iters=6, lr_generator=1e-3, progress=False,
-                            sampling={"cfg_scale": 2.0, "top_k": 32}), gpt, cb, init_model)  # fmt: skip
+                            sampling=SAMPLING), gpt, cb, init_model)  # fmt: skip
 
 
 @pytest.mark.slow
@@ -335,18 +269,7 @@ def test_killed_dd2_training_resumes_to_the_same_weights(tmp_path):
 def test_two_processes_train_the_same_dd2_model(tmp_path):
     """GTS then CSD (with performance alignment) on 2 CPU processes (accelerate launch) give the weights of 1 process
     (the global batch is split; the random draws are the global batch's)."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    _run_script(tmp_path, one, 4)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
-           str(tmp_path / "train_dd2.py"), str(two), "4"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1"}
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    for part in ("gts/final", "csd/generator", "csd/guidance"):
-        a, b = _state(one / part), _state(two / part)
-        diff = max(float((a[k] - b[k]).abs().max()) for k in a)
-        assert diff < 1e-5, (part, diff)
+    assert_two_processes_equal_one(tmp_path, "llamagen", 29531)
 
 
 def test_tiny_csd_runs_move_the_generator_to_the_teacher(teacher, tmp_path):
@@ -498,10 +421,11 @@ def test_dd2_method_names_are_checked(saved_teacher, tmp_path):
         load_recipe_config(None, _tiny_job(saved_teacher, tmp_path / "a", "distill.method=dd3"))
     with pytest.raises(ConfigError, match="dd2.init='none'"):
         load_recipe_config(None, _tiny_job(saved_teacher, tmp_path / "a", "dd2.init=none"))
-    with pytest.raises(ValueError, match="'dd2' is implemented for 'llamagen' teachers, not 'var'"):
-        run(load_recipe_config(None, ["teacher.kind=var", "distill.method=dd2", f"output_dir={tmp_path / 'v'}",
+    with pytest.raises(ConfigError, match=r"distill.method='dd2': teacher kind 'par': Distilled Decoding 2 is "
+                       r"implemented for 'llamagen', 'var' teachers only"):  # fmt: skip
+        run(load_recipe_config(None, ["teacher.kind=par", "distill.method=dd2", f"output_dir={tmp_path / 'p'}",
                                       "stages=[save]"]))  # fmt: skip
-    assert not (tmp_path / "a").exists()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "p").exists()
 
 
 def test_dd2_configs_load():

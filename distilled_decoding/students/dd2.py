@@ -1,23 +1,31 @@
-"""Distilled Decoding 2 networks (LlamaGen teachers): the teacher as an AR-diffusion model, and the one-step generator.
+"""Distilled Decoding 2 networks: the teacher as an AR-diffusion model, and the one-step generator.
 
-:class:`ARDiffusion` — the GTS model and the guidance ("fake score") network: the teacher's backbone with
+What every family shares lives here — the config fields of the diffusion head and of the generator
+(:class:`DD2HeadFields`, :class:`GeneratorFields`), :class:`ContinuousInput`, :class:`DiffusionHead`, the denoiser and
+the per-token Euler solver (:class:`DD2Network`), the AR-diffusion and generator bases (:class:`ARDiffusionModel`,
+:class:`OneStepGenerator`) and :func:`check_made_from` — together with the LlamaGen networks (:class:`ARDiffusion`,
+:class:`DD2Generator`); the VAR networks are in :mod:`distilled_decoding.students.dd2_var`. A family's DD2 networks
+are found through the teacher-family registry (``TeacherFamily.dd2_model`` / ``dd2_generator``).
 
-* continuous inputs: ``tok_embeddings`` = :class:`ContinuousInput`, ``Linear(D, dim)`` fitted by least squares so
-  that it maps each codebook vector c_j close to the teacher's embedding of token j, plus a residual MLP
+An AR-diffusion model (the GTS model and the guidance ("fake score") network) is the teacher's backbone with
+
+* continuous inputs: LlamaGen's ``tok_embeddings`` = :class:`ContinuousInput`, ``Linear(D, dim)`` fitted by least
+  squares so that it maps each codebook vector c_j close to the teacher's embedding of token j, plus a residual MLP
   ``D → input_hidden → dim`` fitted (random features, ridge) to what the linear map misses — DD2's continuous-input
-  adaptation, in closed form;
+  adaptation, in closed form (VAR's ``word_embed`` already reads continuous vectors and is copied);
 * its classification head replaced by :class:`DiffusionHead`, a MAR-style MLP (AdaLN residual blocks) conditioned on
   the transformer feature f_i, the noisy token x_t^i and t.
 
-Shapes: the transformer reads ``[class, x_1 .. x_{N−1}]`` (B, N, D) and returns features f (B, N, dim): f_i depends
-on x_<i only (the teacher's shift). The head maps (f (..., dim), x_t (..., D), t (...)) to a velocity u (..., D), and
-the denoiser is ``x̂0 = base − t·u`` (velocity parameterisation) with ``base = x_t`` (``head_base="none"``) or, with
-``head_base="posterior"``, the closed-form posterior mean under a copy of the teacher's logits head ℓ(f_i)
-(:func:`~distilled_decoding.flow.posterior_mean`): a categorical's exact denoiser plus an MLP correction.
+Shapes: ``features(x (B, N, D), condition)`` → f (B, N, dim), f_i depending on the tokens of earlier decoding steps
+only (LlamaGen: the transformer reads ``[class, x_1 .. x_{N−1}]``, the teacher's shift). The head maps (f (..., dim),
+x_t (..., D), t (...)) to a velocity u (..., D), and the denoiser is ``x̂0 = base − t·u`` (velocity parameterisation)
+with ``base = x_t`` (``head_base="none"``) or, with ``head_base="posterior"``, the closed-form posterior mean under a
+copy of the teacher's logits head ``output`` applied to f_i (:func:`~distilled_decoding.flow.posterior_mean`): a
+categorical's exact denoiser plus an MLP correction.
 
-:class:`DD2Generator` — the same network as a one-step generator (a :class:`~distilled_decoding.students.base.
-FewStepStudent` with timesteps (0,)): the transformer reads the noise sequence (shifted: f_i depends on ε_<i, scaled
-by ``noise_scale``), the head reads ε_i at t = ``generator_t``: ``x_i = x̂0(f_i, ε_i, t)`` (DD2's x = ε − v at t = 1);
+A generator is the same network as a one-step student (a :class:`~distilled_decoding.students.base.FewStepStudent`
+with timesteps (0,)): its transformer reads the noise sequence (scaled by ``noise_scale``; LlamaGen: shifted, f_i
+depends on ε_<i), the head reads ε_i at t = ``generator_t``: ``x_i = x̂0(f_i, ε_i, t)`` (DD2's x = ε − v at t = 1);
 the token is the nearest codebook vector.
 """
 
@@ -33,11 +41,13 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
 from distilled_decoding.conditions import ClassCondition
+from distilled_decoding.configs import ValidatedConfig
 from distilled_decoding.flow import posterior_mean
-from distilled_decoding.model_config import config_fields, config_init
+from distilled_decoding.model_config import config_init
 from distilled_decoding.provenance import teacher_fingerprint
 from distilled_decoding.students.base import CheckedLoading, FewStepStudent, check_noise, nearest_codes
 from distilled_decoding.students.llamagen import backbone_fields
+from distilled_decoding.teachers.base import get_family
 from distilled_decoding.teachers.llamagen_config import LlamaGenBackbone, LlamaGenConfig
 from distilled_decoding.teachers.llamagen_layers import (
     LabelEmbedder,
@@ -50,21 +60,30 @@ __all__ = [
     "HEAD_BASES",
     "ARDiffusion",
     "ARDiffusionConfig",
+    "ARDiffusionModel",
     "ContinuousInput",
     "DD2Generator",
     "DD2GeneratorConfig",
+    "DD2HeadFields",
+    "DD2Network",
     "DiffusionHead",
+    "GeneratorFields",
+    "OneStepGenerator",
     "check_made_from",
+    "network_settings",
 ]
 
 HEAD_BASES = ("none", "posterior")
 
 
+# ------------------------------------------------------------------------------------------------------------
+# config fields every family's networks share
+# ------------------------------------------------------------------------------------------------------------
 @dataclass
-class ARDiffusionConfig(LlamaGenBackbone):
-    """The teacher's backbone fields, ``codebook_dim`` D, ``input_hidden`` (residual input MLP width; 0 = the
-    least-squares Linear alone), ``head_width`` / ``head_depth`` (MLP head), ``head_base`` ("none" or "posterior"),
-    ``teacher_sha256`` (the weights of the teacher it was made from, checked by the trainers and the pipeline)."""
+class DD2HeadFields(ValidatedConfig):
+    """``codebook_dim`` D, ``input_hidden`` (residual input MLP width; 0 = the Linear alone), ``head_width`` /
+    ``head_depth`` (MLP head), ``head_base`` ("none" or "posterior"), ``teacher_sha256`` (the weights of the teacher
+    the network was made from, checked by the trainers and the pipeline)."""
 
     codebook_dim: int = 8
     input_hidden: int = 512
@@ -73,14 +92,49 @@ class ARDiffusionConfig(LlamaGenBackbone):
     head_base: str = "posterior"
     teacher_sha256: str = ""
 
-    def validate(self) -> None:
+    def check_head_fields(self) -> None:
         req = self.require
-        req(self.model_type == "c2i", "model_type", self.model_type,
-            "'c2i' (DD2 is implemented for class-conditional LlamaGen teachers)")  # fmt: skip
         for name in ("codebook_dim", "head_width", "head_depth"):
             req(getattr(self, name) >= 1, name, getattr(self, name), "an int >= 1")
         req(self.input_hidden >= 0, "input_hidden", self.input_hidden, "an int >= 0")
         req(self.head_base in HEAD_BASES, "head_base", self.head_base, f"one of {HEAD_BASES}")
+
+
+@dataclass
+class GeneratorFields(ValidatedConfig):
+    """``noise_scale`` (the transformer reads ``noise_scale · ε``; None = the family's default, see
+    :meth:`OneStepGenerator.default_noise_scale`) and ``generator_t`` (the time at which the head reads ε_i; 1 = DD2's
+    x = ε − v; with the posterior head a smaller t makes the base a soft arg-max sampler ``softmax(ℓ + (1 − t)/t²
+    ε·c)``). ``timesteps`` is fixed by the one-step design: (0,) (every token is the nearest code of the generated
+    vector)."""
+
+    noise_scale: float | None = None
+    generator_t: float = 1.0
+    timesteps: tuple[int, ...] = (0,)
+
+    def check_generator_fields(self) -> None:
+        req = self.require
+        req(0.0 < self.generator_t <= 1.0, "generator_t", self.generator_t, "a number in (0, 1]")
+        req(self.noise_scale is None or self.noise_scale > 0, "noise_scale", self.noise_scale, "null or > 0")
+        req(tuple(self.timesteps) == (0,), "timesteps", self.timesteps, "(0,) (a DD2 generator samples in one step)")
+
+
+def network_settings(model: Any) -> dict[str, Any]:
+    """A saved network's config fields (its diffusers config without the ``_`` bookkeeping keys)."""
+    return {k: v for k, v in model.config.items() if not k.startswith("_")}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# LlamaGen configs
+# ------------------------------------------------------------------------------------------------------------
+@dataclass
+class ARDiffusionConfig(LlamaGenBackbone, DD2HeadFields):
+    """The LlamaGen teacher's backbone fields and the :class:`DD2HeadFields`."""
+
+    def validate(self) -> None:
+        self.require(self.model_type == "c2i", "model_type", self.model_type,
+                     "'c2i' (DD2 is implemented for class-conditional LlamaGen teachers)")  # fmt: skip
+        self.check_head_fields()
 
     def backbone(self) -> LlamaGenConfig:
         """The LlamaGen configuration of the transformer, without dropout."""
@@ -89,25 +143,18 @@ class ARDiffusionConfig(LlamaGenBackbone):
 
 
 @dataclass
-class DD2GeneratorConfig(ARDiffusionConfig):
-    """:class:`ARDiffusionConfig` plus ``noise_scale`` (the transformer reads ``noise_scale · ε``; None = 1/√D, the
-    unit-norm codebook's per-dimension scale, where the continuous input was fitted) and ``generator_t`` (the time at
-    which the head reads ε_i; 1 = DD2's x = ε − v; with the posterior head a smaller t makes the base a soft arg-max
-    sampler ``softmax(ℓ + (1 − t)/t² ε·c)``). ``timesteps`` is fixed by the one-step design: (0,) (every token is
-    the nearest code of the generated vector)."""
-
-    noise_scale: float | None = None
-    generator_t: float = 1.0
-    timesteps: tuple[int, ...] = (0,)
+class DD2GeneratorConfig(ARDiffusionConfig, GeneratorFields):
+    """:class:`ARDiffusionConfig` plus the :class:`GeneratorFields` (``noise_scale`` None = 1/√D, the unit-norm
+    codebook's per-dimension scale, where the continuous input was fitted)."""
 
     def validate(self) -> None:
         super().validate()
-        req = self.require
-        req(0.0 < self.generator_t <= 1.0, "generator_t", self.generator_t, "a number in (0, 1]")
-        req(self.noise_scale is None or self.noise_scale > 0, "noise_scale", self.noise_scale, "null or > 0")
-        req(tuple(self.timesteps) == (0,), "timesteps", self.timesteps, "(0,) (a DD2 generator samples in one step)")
+        self.check_generator_fields()
 
 
+# ------------------------------------------------------------------------------------------------------------
+# shared modules
+# ------------------------------------------------------------------------------------------------------------
 class ContinuousInput(nn.Module):
     """Reads D-dimensional token vectors: ``linear(x) + mlp(x)`` (x (..., D) → (..., dim)); no MLP when hidden=0."""
 
@@ -135,9 +182,7 @@ class ContinuousInput(nn.Module):
         self.linear.bias.copy_(sol[-1])
         if self.mlp is not None:
             first, last = self.mlp[0], self.mlp[2]
-            g = torch.Generator().manual_seed(seed)
-            w = torch.randn(first.out_features, first.in_features, generator=g, dtype=torch.float64) * scale
-            b = torch.randn(first.out_features, generator=g, dtype=torch.float64) * (scale / 2)
+            w, b = self._random_features(scale, seed)
             h = torch.nn.functional.silu(cb @ w.T + b)  # (V, hidden)
             w2 = torch.linalg.solve(h.T @ h + ridge * torch.eye(h.shape[1], dtype=h.dtype), h.T @ res)
             first.weight.copy_(w)
@@ -146,6 +191,24 @@ class ContinuousInput(nn.Module):
             last.bias.zero_()
         fit = self(codebook.detach().to(self.linear.weight)).double().cpu()
         return float((fit - emb).norm() / emb.norm())
+
+    @torch.no_grad()
+    def copy_linear(self, linear: nn.Linear, scale: float = 3.0, seed: int = 0) -> None:
+        """``linear`` copied (a teacher that already reads D-dimensional vectors, e.g. VAR's ``word_embed``); the MLP,
+        if any, starts at zero output (first layer random as in :meth:`fit`, second layer zero)."""
+        self.linear.load_state_dict(linear.state_dict())
+        if self.mlp is not None:
+            w, b = self._random_features(scale, seed)
+            self.mlp[0].weight.copy_(w)
+            self.mlp[0].bias.copy_(b)
+            self.mlp[2].weight.zero_()
+            self.mlp[2].bias.zero_()
+
+    def _random_features(self, scale: float, seed: int) -> tuple[Tensor, Tensor]:
+        first = self.mlp[0]
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(first.out_features, first.in_features, generator=g, dtype=torch.float64) * scale
+        return w, torch.randn(first.out_features, generator=g, dtype=torch.float64) * (scale / 2)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -206,8 +269,156 @@ class DiffusionHead(nn.Module):
         return self.final(self.final_norm(h) * (1 + scale) + shift)
 
 
-class _Network:
-    """What :class:`ARDiffusion` and :class:`DD2Generator` share: modules, features, denoiser, properties."""
+# ------------------------------------------------------------------------------------------------------------
+# the bases every family's networks build on
+# ------------------------------------------------------------------------------------------------------------
+class DD2Network:
+    """What every DD2 network shares (AR-diffusion models and generators of every family): the denoiser, the
+    per-token Euler solver and the sequence properties. A family's network provides ``family``, ``starts`` (the
+    teacher's decoding steps, see :mod:`~distilled_decoding.students.base`), ``config`` (with the
+    :class:`DD2HeadFields` and ``num_classes``), the ``codebook`` (V, D), ``head`` (:class:`DiffusionHead`) and
+    ``output`` (the copied logits head for the posterior base, or None)."""
+
+    family: ClassVar[str]
+    starts: list[int]
+    codebook: Tensor
+    config: Any
+    head: DiffusionHead
+    output: nn.Module | None
+
+    @property
+    def seq_len(self) -> int:
+        """N: tokens per image."""
+        return self.starts[-1]
+
+    @property
+    def num_steps(self) -> int:
+        """The teacher's decoding steps (tokens for LlamaGen, scales for VAR)."""
+        return len(self.starts) - 1
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config.num_classes)
+
+    @property
+    def condition(self) -> ClassCondition:
+        return ClassCondition(self.num_classes)
+
+    def denoise(self, f: Tensor, x_t: Tensor, t: Tensor | float) -> Tensor:
+        """x̂0 (..., D) float32 of noisy tokens x_t (..., D) at t (broadcastable to x_t.shape[:-1]) given features
+        f (..., dim) (size-1 dims broadcast over draws): ``base − t·u`` (see the module docstring)."""
+        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[:-1])
+        u = self.head(f, x_t, t).float()
+        base = x_t.float() if self.output is None else posterior_mean(x_t, t, self.output(f).float(), self.codebook)
+        return base - t.unsqueeze(-1) * u
+
+    def euler(self, f: Tensor, noise: Tensor, steps: int) -> Tensor:
+        """Tokens of one decoding step from their noise (..., D) given their features f (..., dim): ``steps`` Euler
+        steps of dx/dt = (x − x̂0)/t on the uniform grid 1 → 0 (the last lands on x̂0) → x̂0 (..., D) float32."""
+        x = noise.float()
+        grid = [1.0 - k / steps for k in range(steps)] + [0.0]
+        for t, s in zip(grid[:-1], grid[1:]):
+            x0 = self.denoise(f, x, t)
+            x = x0 if s == 0.0 else x + (x0 - x) * ((t - s) / t)
+        return x
+
+    def check_sample_args(self, noise: Tensor, class_labels: Any, steps: int) -> Tensor:
+        """ValueErrors naming ``steps`` / ``noise`` / ``class_labels``; returns the labels in canonical form."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps={steps!r}: expected an integer >= 1")
+        check_noise(noise, self.seq_len, int(self.config.codebook_dim))
+        return self.condition.check(class_labels, noise.shape[0])
+
+
+class ARDiffusionModel(DD2Network, CheckedLoading):
+    """Base of the AR-diffusion models (GTS model, guidance network) of every family:
+    ``model(x_prefix (B, N, D), class_labels (B,), x_t (B, N, m, D), t (B, N, m))`` → x̂0 (B, N, m, D). A family's
+    class adds ``from_teacher(teacher, codebook, *, input_hidden, head_width, head_depth, head_base, seed)`` and
+    ``sample(noise, class_labels, steps)`` (autoregressive, ``steps`` Euler steps per token, DD2 App. B.3)."""
+
+    def features(self, x: Tensor, class_labels: Tensor) -> Tensor:
+        """x (B, N, D) clean token vectors, class_labels (B,) → features (B, N, dim): f_i depends on the tokens of
+        earlier decoding steps only."""
+        raise NotImplementedError
+
+    def forward(self, x_prefix: Tensor, class_labels: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """x̂0 of x_t (B, N, m, D) at t (B, N, m) given the clean sequence x_prefix (B, N, D); the m noise draws of a
+        position share one transformer pass → (B, N, m, D)."""
+        return self.denoise(self.features(x_prefix, class_labels).unsqueeze(2), x_t, t)
+
+    def replica(self) -> ARDiffusionModel:
+        """A new model of the same class, config and weights (e.g. the guidance network made from the GTS model)."""
+        twin = type(self)(**network_settings(self))
+        twin.load_state_dict(self.state_dict())
+        return twin.to(self.codebook.device)
+
+
+def _article(name: str) -> str:
+    return "an" if name[:1] in "AEIOU" else "a"
+
+
+class OneStepGenerator(DD2Network, FewStepStudent):
+    """Base of the DD2 one-step generators of every family: ``generator(noise (B, N, D), class_labels (B,))`` →
+    continuous x (B, N, D) float32 (differentiable, for training). As a student (pipeline, samplers) it has no logits
+    head: :meth:`predict` returns the nearest codes of x, from pure noise only (t = 0); ``sample(noise, labels)`` →
+    (codes, tokens). A family's class adds ``noise_features`` and :meth:`load_ar_diffusion`."""
+
+    method_name = "DD2"
+
+    @classmethod
+    def from_ar_diffusion(cls, model: ARDiffusionModel, **settings: Any) -> OneStepGenerator:
+        """A generator with ``model``'s weights (the family's AR-diffusion model, e.g. the GTS model);
+        ``settings``: ``noise_scale`` / ``generator_t``."""
+        want = get_family(cls.family).dd2_model_class
+        if not isinstance(model, want):
+            raise TypeError(f"model: expected {_article(want.__name__)} {want.__name__} (the GTS model), got "
+                            f"{type(model).__name__}")  # fmt: skip
+        unknown = sorted(set(settings) - {"noise_scale", "generator_t"})
+        if unknown:
+            raise ValueError(f"unknown generator setting(s) {unknown}; expected noise_scale, generator_t")
+        gen = cls(**network_settings(model), **settings)
+        gen.load_ar_diffusion(model)
+        return gen.to(model.codebook.device)
+
+    def load_ar_diffusion(self, model: ARDiffusionModel) -> None:
+        """Take ``model``'s weights (same config): by default its state dict as is."""
+        self.load_state_dict(model.state_dict())
+
+    def default_noise_scale(self) -> float:
+        """The scale of the transformer's noise input when ``noise_scale`` is None."""
+        raise NotImplementedError
+
+    def noise_features(self, noise: Tensor, class_labels: Tensor) -> Tensor:
+        """Scaled noise (B, N, D), class_labels (B,) → features (B, N, dim) of the generator's transformer."""
+        raise NotImplementedError
+
+    @property
+    def split_position(self) -> int:
+        """Every position's vector is the code of its token (the nearest code of the generated vector)."""
+        return self.seq_len
+
+    def forward(self, noise: Tensor, class_labels: Tensor) -> Tensor:
+        """noise (B, N, D), class_labels (B,) → x (B, N, D) float32: continuous, differentiable (training)."""
+        s = self.config.noise_scale
+        s = self.default_noise_scale() if s is None else float(s)
+        noise = noise.to(self.codebook.dtype)
+        return self.denoise(self.noise_features(noise * s, class_labels), noise, float(self.config.generator_t))
+
+    @torch.no_grad()
+    def predict(self, x_t: Tensor, condition: Any, t: Tensor) -> tuple[Tensor, Tensor]:
+        """The student step (see :meth:`FewStepStudent.predict`): only from pure noise (t = 0); tokens are the
+        nearest codes of the generated vectors → (their codes (B, N, D), tokens (B, N))."""
+        if bool((t != 0).any()):
+            raise ValueError(f"t: a DD2 generator samples from pure noise only (t = 0), got {t.tolist()}")
+        tokens = nearest_codes(self(x_t, condition), self.codebook)
+        return self.codebook[tokens], tokens
+
+
+# ------------------------------------------------------------------------------------------------------------
+# LlamaGen
+# ------------------------------------------------------------------------------------------------------------
+class _LlamaGenNetwork:
+    """What :class:`ARDiffusion` and :class:`DD2Generator` share: the LlamaGen modules and features."""
 
     family: ClassVar[str] = "llamagen"
     codebook: Tensor
@@ -235,18 +446,6 @@ class _Network:
         return self._freqs
 
     @property
-    def condition(self) -> ClassCondition:
-        return ClassCondition(self.args.num_classes)
-
-    @property
-    def num_classes(self) -> int:
-        return self.args.num_classes
-
-    @property
-    def seq_len(self) -> int:
-        return self.args.block_size
-
-    @property
     def token_grid(self) -> tuple[int, int]:
         return (self.args.grid_size, self.args.grid_size)
 
@@ -259,14 +458,6 @@ class _Network:
         for layer in self.layers:
             h = layer(h, freqs)
         return self.norm(h)
-
-    def denoise(self, f: Tensor, x_t: Tensor, t: Tensor | float) -> Tensor:
-        """x̂0 (..., D) float32 of noisy tokens x_t (..., D) at t (broadcastable to x_t.shape[:-1]) given features
-        f (..., dim) (size-1 dims broadcast over draws): ``base − t·u`` (see the module docstring)."""
-        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[:-1])
-        u = self.head(f, x_t, t).float()
-        base = x_t.float() if self.output is None else posterior_mean(x_t, t, self.output(f).float(), self.codebook)
-        return base - t.unsqueeze(-1) * u
 
     def copy_teacher(self, teacher: Any, codebook: Tensor, input_scale: float, seed: int) -> float:
         """Copy the teacher's conditional class rows, layers, final norm (and logits head for the posterior base);
@@ -285,8 +476,8 @@ class _Network:
         return self.tok_embeddings.fit(codebook, teacher.tok_embeddings.weight, input_scale, seed=seed)
 
 
-class ARDiffusion(_Network, CheckedLoading, ModelMixin, ConfigMixin):
-    """The teacher as an AR-diffusion model (GTS model, guidance network); see the module docstring.
+class ARDiffusion(_LlamaGenNetwork, ARDiffusionModel, ModelMixin, ConfigMixin):
+    """The LlamaGen teacher as an AR-diffusion model (GTS model, guidance network); see the module docstring.
     ``model(x_prefix (B, N, D), class_labels (B,), x_t (B, N, m, D), t (B, N, m))`` → x̂0 (B, N, m, D)."""
 
     @config_init(ARDiffusionConfig)
@@ -324,33 +515,20 @@ class ARDiffusion(_Network, CheckedLoading, ModelMixin, ConfigMixin):
         model.input_fit_error = model.copy_teacher(teacher, codebook.detach().float().cpu(), input_scale, seed)
         return model.to(teacher.output.weight.device)
 
-    def forward(self, x_prefix: Tensor, class_labels: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        """x̂0 of x_t (B, N, m, D) at t (B, N, m) given the clean sequence x_prefix (B, N, D); the m noise draws of a
-        position share one transformer pass → (B, N, m, D)."""
-        return self.denoise(self.features(x_prefix, class_labels).unsqueeze(2), x_t, t)
-
     @torch.no_grad()
     def sample(self, noise: Tensor, class_labels: Tensor, steps: int = 10) -> tuple[Tensor, Tensor]:
         """Autoregressive sampling (DD2 App. B.3): each token from its noise ε_i (noise (B, N, D)) by ``steps`` Euler
-        steps of dx/dt = (x − x̂0)/t on the uniform grid 1 → 0 (the last lands on x̂0), snapped to the nearest code,
-        which is fed back through a KV cache. → (code vectors (B, N, D), tokens (B, N) long)."""
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps={steps!r}: expected an integer >= 1")
-        check_noise(noise, self.seq_len, self.config.codebook_dim)
-        class_labels = self.condition.check(class_labels, noise.shape[0])
+        steps (:meth:`~DD2Network.euler`), snapped to the nearest code, which is fed back through a KV cache.
+        → (code vectors (B, N, D), tokens (B, N) long)."""
+        class_labels = self.check_sample_args(noise, class_labels, steps)
         b, n, _ = noise.shape
         a, p = self.args, self.norm.weight
         cache = [tuple(torch.zeros(b, a.kv_heads, n, a.head_dim, dtype=p.dtype, device=p.device) for _ in range(2))
                  for _ in self.layers]  # fmt: skip
         tokens = torch.empty(b, n, dtype=torch.long, device=noise.device)
         f = self._cached(cache, self.cls_embedding.embed(class_labels), 0)[:, -1]
-        grid = [1.0 - k / steps for k in range(steps)] + [0.0]
         for i in range(n):
-            x = noise[:, i].float()
-            for t, s in zip(grid[:-1], grid[1:]):
-                x0 = self.denoise(f, x, t)
-                x = x0 if s == 0.0 else x + (x0 - x) * ((t - s) / t)
-            tokens[:, i] = nearest_codes(x, self.codebook)
+            tokens[:, i] = nearest_codes(self.euler(f, noise[:, i], steps), self.codebook)
             if i + 1 < n:
                 f = self._cached(cache, self.tok_embeddings(self.codebook[tokens[:, i : i + 1]]), i + 1)[:, -1]
         return self.codebook[tokens], tokens
@@ -362,50 +540,21 @@ class ARDiffusion(_Network, CheckedLoading, ModelMixin, ConfigMixin):
         return self.norm(h)
 
 
-class DD2Generator(_Network, FewStepStudent, ModelMixin, ConfigMixin):
-    """The DD2 one-step generator: ``generator(noise (B, N, D), class_labels (B,))`` → continuous x (B, N, D) float32
-    (differentiable, for training). As a student (pipeline, samplers) it has no logits head: :meth:`predict` returns
-    the nearest codes of x, from pure noise only (t = 0); ``sample(noise, labels)`` → (codes, tokens)."""
-
-    method_name = "DD2"
+class DD2Generator(_LlamaGenNetwork, OneStepGenerator, ModelMixin, ConfigMixin):
+    """The LlamaGen DD2 one-step generator (:class:`OneStepGenerator`): the transformer reads the noise sequence
+    shifted like the teacher's tokens (``[class, s·ε_1 .. s·ε_{N−1}]``: f_i depends on ε_<i), the head reads ε_i."""
 
     @config_init(DD2GeneratorConfig)
     def __init__(self, cfg: DD2GeneratorConfig):
         super().__init__()
         self.build(cfg)
 
-    @classmethod
-    def from_ar_diffusion(cls, model: ARDiffusion, **settings: Any) -> DD2Generator:
-        """A generator with ``model``'s weights; ``settings``: ``noise_scale`` / ``generator_t``."""
-        if not isinstance(model, ARDiffusion):
-            raise TypeError(f"model: expected an ARDiffusion (the GTS model), got {type(model).__name__}")
-        unknown = sorted(set(settings) - {"noise_scale", "generator_t"})
-        if unknown:
-            raise ValueError(f"unknown generator setting(s) {unknown}; expected noise_scale, generator_t")
-        gen = cls(**{k: model.config[k] for k in config_fields(ARDiffusionConfig)}, **settings)
-        gen.load_state_dict(model.state_dict())
-        return gen.to(model.codebook.device)
+    def default_noise_scale(self) -> float:
+        """1/√D: the unit-norm codebook's per-dimension scale, where the continuous input was fitted."""
+        return self.config.codebook_dim**-0.5
 
-    @property
-    def split_position(self) -> int:
-        """Every position's vector is the code of its token (the nearest code of the generated vector)."""
-        return self.seq_len
-
-    def forward(self, noise: Tensor, class_labels: Tensor) -> Tensor:
-        """noise (B, N, D), class_labels (B,) → x (B, N, D) float32: continuous, differentiable (training)."""
-        s = self.config.noise_scale
-        s = self.config.codebook_dim**-0.5 if s is None else float(s)
-        noise = noise.to(self.codebook.dtype)
-        return self.denoise(self.features(noise * s, class_labels), noise, float(self.config.generator_t))
-
-    @torch.no_grad()
-    def predict(self, x_t: Tensor, condition: Any, t: Tensor) -> tuple[Tensor, Tensor]:
-        """The student step (see :meth:`FewStepStudent.predict`): only from pure noise (t = 0); tokens are the
-        nearest codes of the generated vectors → (their codes (B, N, D), tokens (B, N))."""
-        if bool((t != 0).any()):
-            raise ValueError(f"t: a DD2 generator samples from pure noise only (t = 0), got {t.tolist()}")
-        tokens = nearest_codes(self(x_t, condition), self.codebook)
-        return self.codebook[tokens], tokens
+    def noise_features(self, noise: Tensor, class_labels: Tensor) -> Tensor:
+        return self.features(noise, class_labels)
 
 
 def check_made_from(model: Any, teacher: Any, codebook: Tensor, what: str) -> None:

@@ -25,6 +25,8 @@ register_family(
         description="LlamaGen class-conditional GPT (raster order) + VQ tokenizer",
         schedule_fraction=80 / 256,  # the released LlamaGen DD students: timesteps (0, 80) of 256 tokens
         embedded=("checkpoints/digits_llamagen/gpt", "checkpoints/digits_llamagen/vq"),
+        dd2_model="distilled_decoding.students.dd2:ARDiffusion",
+        dd2_generator="distilled_decoding.students.dd2:DD2Generator",
     )
 )
 register_family(
@@ -39,6 +41,8 @@ register_family(
         released_schedules={(16, 10): (0, 5), (20, 10): (0, 4), (24, 10): (0, 4)},
         embedded=("checkpoints/digits_var", None),
         needs_tokenizer=False,
+        dd2_model="distilled_decoding.students.dd2_var:VARARDiffusion",
+        dd2_generator="distilled_decoding.students.dd2_var:DD2VARGenerator",
     )
 )
 register_family(

@@ -13,8 +13,9 @@ tokenizer's grid (None = the same order); teacher forcing (``teacher(tokens, con
 ``sample_tokens`` returns use the tokenizer's order.
 
 Families. A :class:`TeacherFamily` names a teacher class, its Distilled Decoding student class, the loader that
-builds ``(teacher, tokenizer)`` from files or folders, and the family's default distillation schedule. Classes are
-given as ``"module:Name"`` strings, imported on first use. Adding a family = one ``register_family`` call.
+builds ``(teacher, tokenizer)`` from files or folders, the family's default distillation schedule and its Distilled
+Decoding 2 networks (if DD2 serves it). Classes are given as ``"module:Name"`` strings, imported on first use. Adding a
+family = one ``register_family`` call.
 """
 
 from __future__ import annotations
@@ -144,6 +145,8 @@ class TeacherFamily:
     family's student passes it) to a released schedule that wins over the fraction. ``embedded``: the family's
     embedded default teacher in ``checkpoints/`` as (model, tokenizer or None) paths relative to the repository;
     ``needs_tokenizer``: whether its loader needs a tokenizer besides the model (a VAR folder holds its VAE).
+    ``dd2_model`` / ``dd2_generator``: the family's Distilled Decoding 2 networks (the AR-diffusion model made from
+    the teacher — GTS model, guidance network — and the one-step generator), None when DD2 does not serve it.
     """
 
     name: str
@@ -155,6 +158,8 @@ class TeacherFamily:
     released_schedules: dict[Any, tuple[int, ...]] = field(default_factory=dict)
     embedded: tuple[str, str | None] | None = None
     needs_tokenizer: bool = True
+    dd2_model: str | None = None
+    dd2_generator: str | None = None
 
     @property
     def teacher_class(self) -> type:
@@ -165,6 +170,23 @@ class TeacherFamily:
         if self.student is None:
             raise ValueError(f"teacher kind {self.name!r}: no Distilled Decoding student is registered for it yet")
         return _import(self.student)
+
+    @property
+    def dd2_model_class(self) -> type:
+        """The family's DD2 AR-diffusion model class; ValueError naming the family when DD2 does not serve it."""
+        return _import(self._dd2_path(self.dd2_model))
+
+    @property
+    def dd2_generator_class(self) -> type:
+        """The family's DD2 one-step generator class; ValueError naming the family when DD2 does not serve it."""
+        return _import(self._dd2_path(self.dd2_generator))
+
+    def _dd2_path(self, path: str | None) -> str:
+        if path is None:
+            served = ", ".join(repr(name) for name, f in sorted(_FAMILIES.items()) if f.dd2_generator is not None)
+            raise ValueError(f"teacher kind {self.name!r}: Distilled Decoding 2 is implemented for {served} teachers "
+                             "only")  # fmt: skip
+        return path
 
     def load(self, model: Any, tokenizer: Any = None, **options: Any) -> tuple[Any, Any]:
         """``(teacher, tokenizer)`` in eval mode from official files, ``save_pretrained`` folders or Hub names."""
