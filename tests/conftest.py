@@ -86,3 +86,12 @@ def _tiny_par(seed: int):
 
 
 TINY_TEACHERS = {"llamagen": _tiny_llamagen, "var": _tiny_var, "par": _tiny_par}
+
+
+@pytest.fixture()
+def one_thread():
+    """One torch thread for the test (many small ops: faster than two on a shared 2-core CPU, stable times)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

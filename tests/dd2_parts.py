@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -116,3 +117,28 @@ def assert_two_processes_equal_one(tmp_path: Path, family: str, port: int) -> No
         a, b = saved_state(one / part), saved_state(two / part)
         diff = max(float((a[k] - b[k]).abs().max()) for k in a)
         assert diff < 1e-5, (part, diff)
+
+
+def sampling_loop_and_one_forward(teacher: Any, codebook: torch.Tensor, sampling: dict) -> tuple[torch.Tensor, ...]:
+    """Sample 4 sequences with ``sampling``, recording the logits the KV-cache loop handed its chooser; → (those
+    logits (4, N, V), :class:`TeacherScore`'s logits of the finished sequences from one forward, tokens, labels),
+    after checking the two agree (the same −inf pattern, finite entries within float32 noise)."""
+    from distilled_decoding.sampling import MultinomialChooser, sample_tokens
+    from distilled_decoding.teacher_score import TeacherScore
+
+    seen = []
+
+    class Recorder(MultinomialChooser):
+        def __call__(self, logits, positions):
+            seen.append(logits.clone())
+            return super().__call__(logits, positions)
+
+    labels = torch.tensor([0, 3, 7, 9])
+    tokens = sample_tokens(teacher, labels, chooser=Recorder(torch.Generator().manual_seed(0)), **sampling)
+    loop = torch.cat(seen, dim=1)
+    once = TeacherScore(teacher, codebook, **sampling).logits(tokens, labels)
+    assert once.shape == loop.shape == (4, teacher.seq_len, teacher.vocab_size)
+    assert torch.equal(torch.isinf(loop), torch.isinf(once))
+    fin = torch.isfinite(loop)
+    assert torch.allclose(loop[fin], once[fin], atol=1e-4, rtol=1e-5)
+    return loop, once, tokens, labels

@@ -18,23 +18,24 @@ from distilled_decoding.configs import ConfigError
 from distilled_decoding.dd2_training import CSDConfig, train_csd
 from distilled_decoding.flow import denoise, posterior_mean
 from distilled_decoding.losses import csd_generator_loss, draw_times_and_noise, gts_loss, guidance_loss
-from distilled_decoding.sampling import MultinomialChooser, sample_tokens
+from distilled_decoding.sampling import sample_tokens
 from distilled_decoding.students.dd2 import ARDiffusion, DD2Generator
 from distilled_decoding.teacher_score import TeacherScore, teacher_logits
 
 from .conftest import TINY_GPT, TINY_TEACHERS, TINY_VQ, randomize_
-from .dd2_parts import SAMPLING, TEACHER_SEED, assert_killed_run_resumes, assert_two_processes_equal_one
+from .dd2_parts import (
+    SAMPLING,
+    TEACHER_SEED,
+    assert_killed_run_resumes,
+    assert_two_processes_equal_one,
+    sampling_loop_and_one_forward,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "distill_llamagen.py"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _codebook(v: int, d: int, seed: int) -> torch.Tensor:
@@ -107,21 +108,9 @@ def test_teacher_logits_are_the_sampling_loops_logits(teacher):
     """One teacher forward over the finished sequence gives, at every position, what sample_tokens handed its
     chooser (CFG, temperature, top-k, top-p)."""
     gpt, cb = teacher
-    seen = []
-
-    class Recorder(MultinomialChooser):
-        def __call__(self, logits, positions):
-            seen.append(logits.clone())
-            return super().__call__(logits, positions)
-
-    labels = torch.tensor([0, 3, 7, 9])
-    sampling = {"cfg_scale": 2.5, "temperature": 0.9, "top_k": 20, "top_p": 0.9}
-    tokens = sample_tokens(gpt, labels, chooser=Recorder(torch.Generator().manual_seed(0)), **sampling)
-    loop = torch.cat(seen, dim=1)
-    once = TeacherScore(gpt, cb, **sampling).logits(tokens, labels)
-    assert torch.equal(torch.isinf(loop), torch.isinf(once))
-    fin = torch.isfinite(loop)
-    assert torch.allclose(loop[fin], once[fin], atol=1e-4, rtol=1e-5)
+    _, _, tokens, labels = sampling_loop_and_one_forward(
+        gpt, cb, {"cfg_scale": 2.5, "temperature": 0.9, "top_k": 20, "top_p": 0.9}
+    )
     # cfg_interval: per-position scales, 1 (unguided: bit-exactly the conditional logits) after the interval
     plain = teacher_logits(gpt, tokens, labels)
     late = teacher_logits(gpt, tokens, labels, cfg_scale=2.5, cfg_interval=3)

@@ -15,7 +15,7 @@ from distilled_decoding import VAR, DDVARStudent, DistilledDecodingPipeline
 from distilled_decoding.configs import ConfigError
 from distilled_decoding.dd2_training import CSDConfig, GTSConfig, train_csd, train_gts
 from distilled_decoding.losses import csd_generator_loss, draw_times_and_noise, gts_loss, guidance_loss
-from distilled_decoding.sampling import MultinomialChooser, sample_tokens
+from distilled_decoding.sampling import sample_tokens
 from distilled_decoding.students.dd2 import ARDiffusion, DD2Generator
 from distilled_decoding.students.dd2_var import DD2VARGenerator, VARARDiffusion
 from distilled_decoding.students.var import SHARED_FIELDS
@@ -24,18 +24,19 @@ from distilled_decoding.teachers import get_family
 from distilled_decoding.teachers.var_config import VAR_PRESETS
 
 from .conftest import TINY_TEACHERS, TINY_VAE, TINY_VAR, randomize_
-from .dd2_parts import SAMPLING, TEACHER_SEED, assert_killed_run_resumes, assert_two_processes_equal_one
+from .dd2_parts import (
+    SAMPLING,
+    TEACHER_SEED,
+    assert_killed_run_resumes,
+    assert_two_processes_equal_one,
+    sampling_loop_and_one_forward,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_VAR_DD2 = ROOT / "recipes" / "configs" / "digits_var_dd2.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -61,21 +62,9 @@ def test_teacher_logits_are_the_var_sampling_loops_logits(teacher):
     """One VAR forward over the finished sequence gives every scale's sampling logits — what the KV-cache loop
     handed its chooser, with VAR's CFG ramp, temperature, top-k and top-p."""
     var, cb = teacher
-    seen = []
-
-    class Recorder(MultinomialChooser):
-        def __call__(self, logits, positions):
-            seen.append(logits.clone())
-            return super().__call__(logits, positions)
-
-    labels = torch.tensor([0, 3, 7, 9])
-    sampling = {"cfg_scale": 1.5, "temperature": 0.9, "top_k": 20, "top_p": 0.9}
-    tokens = sample_tokens(var, labels, chooser=Recorder(torch.Generator().manual_seed(0)), **sampling)
-    loop = torch.cat(seen, dim=1)
-    once = TeacherScore(var, cb, **sampling).logits(tokens, labels)
-    assert once.shape == (4, var.seq_len, var.vocab_size) and torch.equal(torch.isinf(loop), torch.isinf(once))
-    fin = torch.isfinite(loop)
-    assert torch.allclose(loop[fin], once[fin], atol=1e-4, rtol=1e-5)
+    _, _, tokens, labels = sampling_loop_and_one_forward(
+        var, cb, {"cfg_scale": 1.5, "temperature": 0.9, "top_k": 20, "top_p": 0.9}
+    )
     plain = teacher_logits(var, tokens, labels, cfg_scale=0.0)  # unguided (VAR's cfg 1 ramps to guidance 2)
     guided = teacher_logits(var, tokens, labels, cfg_scale=1.5)
     assert torch.equal(guided[:, :1], plain[:, :1]) and not torch.allclose(guided[:, 1:], plain[:, 1:])

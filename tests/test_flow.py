@@ -61,13 +61,7 @@ def _histogram_test(tokens: torch.Tensor, p: torch.Tensor) -> tuple[float, float
 N_PUSH = 10000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many small element-wise ops: one thread is faster than two on a shared CPU (and times stay stable)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("kind", ["flat", "peaked", "topk"])
