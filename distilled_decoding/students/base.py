@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DecodingSteps",
     "FewStepStudent",
     "CheckedLoading",
     "check_noise",
@@ -149,10 +150,25 @@ class CheckedLoading:
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)  # type: ignore[misc]
 
 
-class FewStepStudent(CheckedLoading):
-    """Schedule, checks, prediction and sampling shared by every student flavour (see the module docstring)."""
+class DecodingSteps:
+    """A network laid out in the teacher's decoding steps: ``starts`` (the first position of each step, then N)."""
 
     starts: list[int]
+
+    @property
+    def seq_len(self) -> int:
+        """N: tokens per image (sequence positions)."""
+        return self.starts[-1]
+
+    @property
+    def num_steps(self) -> int:
+        """The teacher's decoding steps (tokens for LlamaGen, scales for VAR; valid timesteps 0 .. num_steps − 1)."""
+        return len(self.starts) - 1
+
+
+class FewStepStudent(DecodingSteps, CheckedLoading):
+    """Schedule, checks, prediction and sampling shared by every student flavour (see the module docstring)."""
+
     codebook: Tensor
     config: Any
     condition: Any
@@ -162,16 +178,6 @@ class FewStepStudent(CheckedLoading):
     method_name: str = "DD"
 
     # -- schedule -------------------------------------------------------------------------------------------
-    @property
-    def seq_len(self) -> int:
-        """N: tokens per image (sequence positions)."""
-        return self.starts[-1]
-
-    @property
-    def num_steps(self) -> int:
-        """The teacher's decoding steps (valid timesteps are 0 .. num_steps − 1)."""
-        return len(self.starts) - 1
-
     @property
     def split_position(self) -> int:
         """First position read from the continuous head: the end of the first ``split`` steps."""

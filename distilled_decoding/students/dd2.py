@@ -45,7 +45,13 @@ from distilled_decoding.configs import ValidatedConfig
 from distilled_decoding.flow import posterior_mean
 from distilled_decoding.model_config import config_init
 from distilled_decoding.provenance import teacher_fingerprint
-from distilled_decoding.students.base import CheckedLoading, FewStepStudent, check_noise, nearest_codes
+from distilled_decoding.students.base import (
+    CheckedLoading,
+    DecodingSteps,
+    FewStepStudent,
+    check_noise,
+    nearest_codes,
+)
 from distilled_decoding.students.llamagen import backbone_fields
 from distilled_decoding.teachers.base import get_family
 from distilled_decoding.teachers.llamagen_config import LlamaGenBackbone, LlamaGenConfig
@@ -272,7 +278,7 @@ class DiffusionHead(nn.Module):
 # ------------------------------------------------------------------------------------------------------------
 # the bases every family's networks build on
 # ------------------------------------------------------------------------------------------------------------
-class DD2Network:
+class DD2Network(DecodingSteps):
     """What every DD2 network shares (AR-diffusion models and generators of every family): the denoiser, the
     per-token Euler solver and the sequence properties. A family's network provides ``family``, ``starts`` (the
     teacher's decoding steps, see :mod:`~distilled_decoding.students.base`), ``config`` (with the
@@ -280,21 +286,10 @@ class DD2Network:
     ``output`` (the copied logits head for the posterior base, or None)."""
 
     family: ClassVar[str]
-    starts: list[int]
     codebook: Tensor
     config: Any
     head: DiffusionHead
     output: nn.Module | None
-
-    @property
-    def seq_len(self) -> int:
-        """N: tokens per image."""
-        return self.starts[-1]
-
-    @property
-    def num_steps(self) -> int:
-        """The teacher's decoding steps (tokens for LlamaGen, scales for VAR)."""
-        return len(self.starts) - 1
 
     @property
     def num_classes(self) -> int:
