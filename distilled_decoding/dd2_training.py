@@ -36,7 +36,7 @@ from distilled_decoding.configs import ValidatedConfig
 from distilled_decoding.distill import StepCounter
 from distilled_decoding.losses import csd_generator_loss, draw_times_and_noise, gts_loss, guidance_loss
 from distilled_decoding.provenance import teacher_fingerprint
-from distilled_decoding.students.dd2 import HEAD_BASES, ARDiffusionModel, OneStepGenerator, check_made_from
+from distilled_decoding.students.dd2_base import HEAD_BASES, ARDiffusionModel, OneStepGenerator, check_made_from
 from distilled_decoding.teacher_score import TeacherScore, check_sampling
 from distilled_decoding.teachers.base import families, family_of, get_family
 

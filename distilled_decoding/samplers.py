@@ -199,7 +199,7 @@ class RefinedSampler:
 
 @dataclass
 class ARDiffusionSampler:
-    """A DD2 AR-diffusion model (:class:`~distilled_decoding.students.dd2.ARDiffusionModel`, e.g. the GTS model)
+    """A DD2 AR-diffusion model (:class:`~distilled_decoding.students.dd2_base.ARDiffusionModel`, e.g. the GTS model)
     sampled step by step (LlamaGen: token by token; VAR: scale by scale) with ``euler_steps`` Euler steps per token
     from the token's own noise (DD2 App. B.3)."""
 

@@ -1,9 +1,9 @@
 """Distilled Decoding 2 networks for VAR teachers: the teacher as an AR-diffusion model, and the one-step generator.
 
 Both are the VAR teacher's transformer (class-conditioned AdaLN blocks, the class embedding as the AdaLN condition)
-with continuous token inputs (``word_embed`` = :class:`~distilled_decoding.students.dd2.ContinuousInput`, its
+with continuous token inputs (``word_embed`` = :class:`~distilled_decoding.students.dd2_base.ContinuousInput`, its
 ``linear`` the teacher's ``word_embed``, which already reads Cvae-dimensional vectors) and the MAR-style
-:class:`~distilled_decoding.students.dd2.DiffusionHead` in place of the logits head; features are the AdaLN-normed
+:class:`~distilled_decoding.students.dd2_base.DiffusionHead` in place of the logits head; features are the AdaLN-normed
 ``head_nm`` output, on which the posterior base reads the copied logits head ``output`` (see
 :mod:`distilled_decoding.students.dd2`). Sequences are scale-major, N = Σ pn² tokens of D = Cvae; the decoding steps
 (``starts``) are the scales.
@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from distilled_decoding.model_config import config_init
 from distilled_decoding.provenance import teacher_fingerprint
 from distilled_decoding.students.base import nearest_codes
-from distilled_decoding.students.dd2 import (
+from distilled_decoding.students.dd2_base import (
     ARDiffusionModel,
     ContinuousInput,
     DD2HeadFields,
@@ -61,7 +61,7 @@ __all__ = ["DD2VARGenerator", "DD2VARGeneratorConfig", "VARARDiffusion", "VARARD
 @dataclass
 class VARARDiffusionConfig(VARBackbone, DD2HeadFields):
     """The VAR teacher's backbone fields (official ``VAR`` names; dropout, drop-path and class dropout are not used),
-    the :class:`~distilled_decoding.students.dd2.DD2HeadFields` (``codebook_dim`` = Cvae; ``input_hidden`` 0 by
+    the :class:`~distilled_decoding.students.dd2_base.DD2HeadFields` (``codebook_dim`` = Cvae; ``input_hidden`` 0 by
     default: ``word_embed`` is the teacher's) and ``vae_config``: the teacher VAE's config (its quantizer builds the
     next-scale inputs; the defaults of ``MultiScaleVQVAE`` when empty)."""
 
@@ -95,7 +95,7 @@ class VARARDiffusionConfig(VARBackbone, DD2HeadFields):
 
 @dataclass
 class DD2VARGeneratorConfig(VARARDiffusionConfig, GeneratorFields):
-    """:class:`VARARDiffusionConfig` plus the :class:`~distilled_decoding.students.dd2.GeneratorFields`
+    """:class:`VARARDiffusionConfig` plus the :class:`~distilled_decoding.students.dd2_base.GeneratorFields`
     (``noise_scale`` None = the codebook's per-dimension RMS, see :meth:`DD2VARGenerator.default_noise_scale`)."""
 
     def validate(self) -> None:
@@ -250,7 +250,7 @@ class VARARDiffusion(_VARNetwork, ARDiffusionModel, ModelMixin, ConfigMixin):
     @torch.no_grad()
     def sample(self, noise: Tensor, class_labels: Tensor, steps: int = 10) -> tuple[Tensor, Tensor]:
         """Autoregressive sampling scale by scale (DD2 App. B.3): the tokens of scale k from their noise (noise
-        (B, N, D)) by ``steps`` Euler steps each (:meth:`~distilled_decoding.students.dd2.DD2Network.euler`) given
+        (B, N, D)) by ``steps`` Euler steps each (:meth:`~distilled_decoding.students.dd2_base.DD2Network.euler`) given
         the features of the scales decoded so far, snapped to the nearest codes. → (code vectors (B, N, D), tokens
         (B, N) long)."""
         class_labels = self.check_sample_args(noise, class_labels, steps)
@@ -265,7 +265,7 @@ class VARARDiffusion(_VARNetwork, ARDiffusionModel, ModelMixin, ConfigMixin):
 
 
 class DD2VARGenerator(_VARNetwork, OneStepGenerator, ModelMixin, ConfigMixin):
-    """The VAR DD2 one-step generator (:class:`~distilled_decoding.students.dd2.OneStepGenerator`): the noise read
+    """The VAR DD2 one-step generator (:class:`~distilled_decoding.students.dd2_base.OneStepGenerator`): the noise read
     as the DD1 VAR student reads it (see the module docstring); ``generator(noise (B, N, D), class_labels (B,))`` →
     x (B, N, D) float32. It keeps the AR-diffusion model's frozen quantizer as the holder of its codebook (the
     pipeline's decoder is the tokenizer's)."""
