@@ -8,13 +8,16 @@ which are the main job's exactly; the evaluation seeds are the recipe's: 1,000 i
 noise tensor for every row):
 
 * ``--dd1`` (default ``runs/digits``): ``recipes/configs/digits_llamagen.yaml`` — the README's main job (DD1);
-* ``--dd2`` (default ``runs/digits_dd2``): ``recipes/configs/digits_dd2.yaml`` — GTS + CSD;
+* ``--dd2`` (default ``runs/digits_dd2``): ``recipes/configs/digits_dd2.yaml`` — GTS, then the regression warm start
+  and CSD with the regression loss;
 * ``--nogts`` (default ``runs/digits_dd2_nogts``): the same with ``dd2.init=teacher dd2.gts.head_base=none`` — the
   ablation without GTS initialisation, as DD2's: the teacher made an AR-diffusion model with a fresh MLP head, untuned
-  (100 CSD iterations by default: ``--nogts-overrides``).
+  (``--nogts-overrides``: by default the warm start and 100 CSD iterations);
+* ``--pure`` (default ``runs/digits_dd2_pure``): the DD2 job without the regression settings — DD2 as published
+  (GTS + 300 CSD iterations; ``--pure-overrides``).
 
 Rows: the teacher (flow map and multinomial), DD1 1-/2-step and refined, the GTS model (10-step Euler per token),
-DD2 1-step and its two teacher-refined settings, the no-GTS ablation's 1-step row; each with FID / teacher FID, class
+DD2 1-step and its two teacher-refined settings, the ablations' 1-step rows; each with FID / teacher FID, class
 accuracy and the training wall time of the method (DD1: the student's training; DD2: GTS + CSD).
 """
 
@@ -50,7 +53,7 @@ def _train_seconds(job: Path, method: str) -> float | None:
     return round(total, 1) if total else None
 
 
-def collect(dd1: Path, dd2: Path, nogts: Path) -> dict[str, Any]:
+def collect(dd1: Path, dd2: Path, nogts: Path, pure: Path) -> dict[str, Any]:
     """The table: rows {name: metrics + fid_ratio + train_s}, the teacher rows from the DD1 job."""
     rows: dict[str, Any] = {}
 
@@ -69,6 +72,7 @@ def collect(dd1: Path, dd2: Path, nogts: Path) -> dict[str, Any]:
     take(dd2, "gts", [n for n in _names(dd2) if n.startswith("GTS model")])
     take(dd2, "dd2", [n for n in _names(dd2) if n.startswith("DD2")])
     take(nogts, "dd2", ["DD2 1-step"], {"DD2 1-step": "ablation: DD2 1-step without GTS initialisation"})
+    take(pure, "dd2", ["DD2 1-step"], {"DD2 1-step": "ablation: DD2 1-step without the regression loss (as published)"})
     teacher = rows.get("teacher AR (flow map)")
     for r in rows.values():
         if teacher:
@@ -99,17 +103,24 @@ def main() -> None:
     p.add_argument("--dd1", default="runs/digits")
     p.add_argument("--dd2", default="runs/digits_dd2")
     p.add_argument("--nogts", default="runs/digits_dd2_nogts")
+    p.add_argument("--pure", default="runs/digits_dd2_pure")
     p.add_argument("--collect-only", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dd2_digits.json"))
     p.add_argument(
         "--nogts-overrides",
         nargs="*",
-        default=["dd2.csd.max_iters=100"],
-        help="more overrides of the ablation job (default: 100 CSD iterations)",
+        default=["dd2.csd.max_iters=700"],
+        help="more overrides of the no-GTS ablation job (default: the warm start and 100 CSD iterations)",
+    )
+    p.add_argument(
+        "--pure-overrides",
+        nargs="*",
+        default=["dd2.csd.regression_iters=0", "dd2.csd.regression_weight=0", "dd2.csd.max_iters=300"],
+        help="overrides of the job without the regression settings (default: 300 CSD iterations, as published)",
     )
     p.add_argument("overrides", nargs="*", help="section.field=value for the DD2 jobs (e.g. dd2.csd.max_iters=100)")
     args = p.parse_args()
-    dd1, dd2, nogts = Path(args.dd1), Path(args.dd2), Path(args.nogts)
+    dd1, dd2, nogts, pure = Path(args.dd1), Path(args.dd2), Path(args.nogts), Path(args.pure)
     if not args.collect_only:
         from distilled_decoding.distributed import configure_threads
 
@@ -118,11 +129,13 @@ def main() -> None:
         _job(CONFIGS / "digits_dd2.yaml", dd2, list(args.overrides))
         ablation = ["dd2.init=teacher", "dd2.gts.head_base=none", pairs, "stages=[train,save,evaluate]"]
         _job(CONFIGS / "digits_dd2.yaml", nogts, [*ablation, *args.overrides, *args.nogts_overrides])
+        _job(CONFIGS / "digits_dd2.yaml", pure, [pairs, "stages=[train,save,evaluate]", *args.overrides,
+                                                 *args.pure_overrides])  # fmt: skip
         _job(CONFIGS / "digits_llamagen.yaml", dd1, [pairs, "stages=[train,save,evaluate]"])
-    rows = collect(dd1, dd2, nogts)
+    rows = collect(dd1, dd2, nogts, pure)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"jobs": {"dd1": str(dd1), "dd2": str(dd2), "nogts": str(nogts)},
-                                          "overrides": args.overrides, "rows": rows}, indent=2))  # fmt: skip
+    jobs = {"dd1": str(dd1), "dd2": str(dd2), "nogts": str(nogts), "pure": str(pure)}
+    Path(args.out).write_text(json.dumps({"jobs": jobs, "overrides": args.overrides, "rows": rows}, indent=2))
     md = markdown(rows)
     Path(args.out).with_suffix(".md").write_text(md + "\n")
     print(md)

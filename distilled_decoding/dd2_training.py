@@ -12,6 +12,11 @@
   csd_generator_loss`); progressive EMA of the generator ``min(ema_max, (it + 1)/(it + 10))`` (diffusers' EMAModel);
   optional performance alignment at iteration ``align_at`` (the generator takes its EMA weights, the guidance network
   alone is retrained ``align_guidance_steps`` times, then K becomes ``guidance_steps_after_align``).
+  With the teacher's flow-map (noise, tokens) pairs (``pairs``: a trajectory folder's
+  :class:`~distilled_decoding.trajectories.TrajectoryDataset`): the first ``regression_iters`` generator iterations
+  train on DMD's regression loss alone (:func:`~distilled_decoding.losses.regression_loss`; no guidance updates),
+  then the generator takes its EMA weights, the EMA restarts and CSD begins, its generator loss plus
+  ``regression_weight`` × the regression loss.
 
 Determinism: every random draw of an update (batch indices, classes, noise, t, ε) comes from a CPU generator seeded
 by (seed, stream, update counter) for the *global* batch, which is then split across processes; the networks have no
@@ -34,7 +39,13 @@ from tqdm.auto import tqdm
 
 from distilled_decoding.configs import ValidatedConfig
 from distilled_decoding.distill import StepCounter
-from distilled_decoding.losses import csd_generator_loss, draw_times_and_noise, gts_loss, guidance_loss
+from distilled_decoding.losses import (
+    csd_generator_loss,
+    draw_times_and_noise,
+    gts_loss,
+    guidance_loss,
+    regression_loss,
+)
 from distilled_decoding.provenance import teacher_fingerprint
 from distilled_decoding.students.dd2_base import HEAD_BASES, ARDiffusionModel, OneStepGenerator, check_made_from
 from distilled_decoding.teacher_score import TeacherScore, check_sampling
@@ -124,7 +135,10 @@ class GTSConfig(DD2TrainerConfig):
 @dataclass
 class CSDConfig(DD2TrainerConfig):
     """Stage 2 (DD2 Tab. 10/11 names). Learning rates warm up linearly from ``lr_start`` over
-    ``warmup_guidance_steps`` guidance updates (the generator's over that number divided by K), then stay constant."""
+    ``warmup_guidance_steps`` guidance updates (the generator's over that number divided by K), then stay constant.
+    ``regression_iters`` / ``regression_weight`` (not in DD2; 0 = DD2 as published): generator iterations of
+    regression alone on the flow-map pairs before CSD (counted in ``max_iters``), and the weight of the regression
+    loss beside the CSD loss after them."""
 
     max_iters: int = 300
     guidance_steps: int = 5
@@ -141,6 +155,8 @@ class CSDConfig(DD2TrainerConfig):
     guidance_train: str = "all"
     generator_t: float = 1.0
     noise_scale: float | None = None
+    regression_iters: int = 0
+    regression_weight: float = 0.0
 
     def validate(self) -> None:
         super().validate()
@@ -152,8 +168,11 @@ class CSDConfig(DD2TrainerConfig):
             req(getattr(self, name) > 0, name, getattr(self, name), "a number > 0")
         req(0.0 <= self.ema_max < 1.0, "ema_max", self.ema_max, "a number in [0, 1)")
         req(self.guidance_train in ("all", "head"), "guidance_train", self.guidance_train, "'all' or 'head'")
-        req(self.align_at is None or 0 <= self.align_at < self.max_iters, "align_at", self.align_at,
-            "null or an iteration in [0, max_iters)")  # fmt: skip
+        req(0 <= self.regression_iters <= self.max_iters, "regression_iters", self.regression_iters,
+            "an int in [0, max_iters]")  # fmt: skip
+        req(self.regression_weight >= 0, "regression_weight", self.regression_weight, "a number >= 0")
+        req(self.align_at is None or self.regression_iters <= self.align_at < self.max_iters, "align_at",
+            self.align_at, "null or an iteration in [regression_iters, max_iters)")  # fmt: skip
         req(0.0 < self.generator_t <= 1.0, "generator_t", self.generator_t, "a number in (0, 1]")
         req(self.noise_scale is None or self.noise_scale > 0, "noise_scale", self.noise_scale, "null or > 0")
 
@@ -162,8 +181,12 @@ class CSDConfig(DD2TrainerConfig):
         rates are constant and every draw depends on the update counters only, so a finished run can be extended —
         run it again with a larger ``max_iters`` (and, if it has not been aligned, an ``align_at`` at or after the
         iteration it stopped at) and it continues from its last checkpoint, to the weights of one run. The checkpoint
-        records where alignment happened; :func:`train_csd` refuses an ``align_at`` that contradicts it."""
-        return {k: v for k, v in super().semantic().items() if k not in ("max_iters", "align_at")}
+        records where alignment happened; :func:`train_csd` refuses an ``align_at`` that contradicts it. Without the
+        regression settings (both 0) they are left out too: runs saved before those settings existed still resume."""
+        drop = {"max_iters", "align_at"}
+        if self.regression_iters == 0 and self.regression_weight == 0:
+            drop |= {"regression_iters", "regression_weight"}
+        return {k: v for k, v in super().semantic().items() if k not in drop}
 
 
 class _Counter(StepCounter):
@@ -239,6 +262,28 @@ def _batch_indices(n: int, b: int, seed: int, step: int) -> Tensor:
             perms[e] = torch.randperm(n, generator=_rng(seed, _STREAM_BATCH + e, 0))
         out.append(int(perms[e][pos % n]))
     return torch.tensor(out)
+
+
+def _check_pairs(pairs: Any, model: ARDiffusionModel, teacher: Any, codebook: Tensor) -> None:
+    """ValueError naming ``pairs`` unless it is a non-empty dataset of (N, D) noise / (N,) token pairs for ``model``,
+    built by ``teacher`` when it records its teacher (a trajectory folder's ``teacher`` fingerprint)."""
+    want = f"the teacher's flow-map pairs (a trajectory folder's dataset) with ({model.seq_len}, "
+    want += f"{model.config.codebook_dim}) noise and ({model.seq_len},) tokens"
+    try:
+        first = pairs[0] if len(pairs) > 0 else None
+    except (TypeError, IndexError, KeyError) as err:
+        raise ValueError(
+            f"pairs: regression_iters / regression_weight need {want}, got {type(pairs).__name__}"
+        ) from err
+    shapes = None if not isinstance(first, dict) else {k: tuple(getattr(first.get(k), "shape", ())) for k in
+                                                        ("noise", "tokens")}  # fmt: skip
+    if shapes != {"noise": (model.seq_len, model.config.codebook_dim), "tokens": (model.seq_len,)}:
+        raise ValueError(f"pairs: regression_iters / regression_weight need {want}, got items {shapes}")
+    made_by, mine = getattr(pairs, "teacher", None), teacher_fingerprint(teacher, codebook)
+    if made_by is not None and made_by["weights_sha256"] != mine["weights_sha256"]:
+        where = getattr(pairs, "root", type(pairs).__name__)
+        raise ValueError(f"pairs ({where}): built by another teacher (weights {made_by['weights_sha256'][:12]}; "
+                         f"given: {mine['class']} weights {mine['weights_sha256'][:12]})")  # fmt: skip
 
 
 def _warmup(start: float, peak: float, steps: int) -> Any:
@@ -351,18 +396,22 @@ def train_gts(
 # stage 2: CSD
 # ------------------------------------------------------------------------------------------------------------
 def train_csd(
-    cfg: CSDConfig, teacher: Any, codebook: Tensor, init: ARDiffusionModel
+    cfg: CSDConfig, teacher: Any, codebook: Tensor, init: ARDiffusionModel, pairs: Any = None
 ) -> tuple[OneStepGenerator, ARDiffusionModel, dict]:
     """Stage 2: generator (the registry's ``dd2_generator`` of ``init``'s family) and guidance network both
-    initialised from ``init`` (the GTS model; the teacher-made AR-diffusion model for the no-GTS ablation). Returns
-    (generator with its EMA weights, guidance network, the run's summary), in eval mode on the CPU; writes
-    ``train_summary.json`` and checkpoints under ``output_dir``."""
+    initialised from ``init`` (the GTS model; the teacher-made AR-diffusion model for the no-GTS ablation). ``pairs``:
+    the teacher's flow-map pairs, items ``{"noise" (N, D), "tokens" (N,), "condition_id" ()}`` (a
+    :class:`~distilled_decoding.trajectories.TrajectoryDataset` of this teacher), needed by the regression settings
+    only. Returns (generator with its EMA weights, guidance network, the run's summary), in eval mode on the CPU;
+    writes ``train_summary.json`` and checkpoints under ``output_dir``."""
     from diffusers.training_utils import EMAModel
 
     if not isinstance(init, ARDiffusionModel):
         names = " or ".join(f.dd2_model.rpartition(":")[2] for f in families().values() if f.dd2_model)
         raise TypeError(f"init: expected an {names} (the GTS model), got {type(init).__name__}")
     check_made_from(init, teacher, codebook, "GTS model")
+    if cfg.regression_iters > 0 or cfg.regression_weight > 0:
+        _check_pairs(pairs, init, teacher, codebook)
     acc = _accelerator(cfg)
     out = Path(cfg.output_dir)
     generator = get_family(init.family).dd2_generator_class.from_ar_diffusion(
@@ -411,6 +460,11 @@ def train_csd(
         t, eps = draw_times_and_noise(g, cfg.batch_size, n, m, d, cfg.t_min, cfg.t_max)
         return tuple(_rank_slice(acc, x) for x in (noise, labels, t, eps))
 
+    def regression_batch(step: int) -> tuple[Tensor, ...]:
+        items = [pairs[int(i)] for i in _batch_indices(len(pairs), cfg.batch_size, cfg.seed, step)]
+        noise, tokens, labels = (torch.stack([it[k] for it in items]) for k in ("noise", "tokens", "condition_id"))
+        return tuple(_rank_slice(acc, x) for x in (noise.float(), labels.long(), tokens.long()))
+
     def guidance_update() -> dict[str, float]:
         noise, labels, t, eps = inputs(_STREAM_GUIDE, counter.micro)
         with torch.no_grad():
@@ -428,7 +482,33 @@ def train_csd(
     bar = tqdm(total=cfg.max_iters, initial=counter.step, desc="DD2 CSD", unit="it",
                disable=not (cfg.progress and acc.is_main_process))  # fmt: skip
     t0, logs = time.perf_counter(), {}
+
+    def generator_update(losses: dict[str, Tensor], guidance_logs: dict[str, float]) -> dict[str, float]:
+        acc.backward(losses["total"])
+        if cfg.clip_grad > 0:
+            acc.clip_grad_norm_(generator.parameters(), cfg.clip_grad)
+        opt_g.step()
+        sched_g.step()
+        opt_g.zero_grad(set_to_none=True)
+        ema.step(generator.parameters())
+        counter.step += 1
+        now = {**guidance_logs, **{k: float(v.detach()) for k, v in losses.items()}}
+        bar.update(1)
+        bar.set_postfix({k: f"{now[k]:.4g}" for k in ("div", "dsm", "reg") if k in now})
+        if cfg.log_every and counter.step % cfg.log_every == 0:
+            acc.print(f"CSD it {counter.step} {time.perf_counter() - t0:.0f}s {now}", flush=True)
+        if cfg.save_every and counter.step % cfg.save_every == 0 and counter.step < cfg.max_iters:
+            store.save(acc, **states)
+        return now
+
     while counter.step < cfg.max_iters:
+        if counter.step < cfg.regression_iters:  # the warm start: regression alone, no guidance updates
+            losses = regression_loss(generator, *regression_batch(counter.step), forward=gen_w)
+            logs = generator_update(losses, {})
+            continue
+        if counter.step == cfg.regression_iters > 0 and counter.micro == 0:  # CSD begins from the EMA weights
+            ema.copy_to(generator.parameters())
+            ema.optimization_step = 0  # the progressive EMA restarts
         if cfg.align_at is not None and counter.step == cfg.align_at and not counter.aligned:
             ema.copy_to(generator.parameters())  # performance alignment: the generator takes its EMA weights
             for _ in range(cfg.align_guidance_steps):
@@ -439,21 +519,10 @@ def train_csd(
         noise, labels, t, eps = inputs(_STREAM_GEN, counter.step)
         losses = csd_generator_loss(generator, guidance, score, noise, labels, t, eps, alpha=cfg.alpha,
                                     forward=gen_w)  # fmt: skip
-        acc.backward(losses["total"])
-        if cfg.clip_grad > 0:
-            acc.clip_grad_norm_(generator.parameters(), cfg.clip_grad)
-        opt_g.step()
-        sched_g.step()
-        opt_g.zero_grad(set_to_none=True)
-        ema.step(generator.parameters())
-        counter.step += 1
-        logs.update({k: float(v.detach()) for k, v in losses.items()})
-        bar.update(1)
-        bar.set_postfix(div=f"{logs['div']:.4g}", dsm=f"{logs['dsm']:.4g}")
-        if cfg.log_every and counter.step % cfg.log_every == 0:
-            acc.print(f"CSD it {counter.step} {time.perf_counter() - t0:.0f}s {logs}", flush=True)
-        if cfg.save_every and counter.step % cfg.save_every == 0 and counter.step < cfg.max_iters:
-            store.save(acc, **states)
+        if cfg.regression_weight > 0:
+            reg = regression_loss(generator, *regression_batch(counter.step), forward=gen_w)
+            losses = {**losses, "total": losses["total"] + cfg.regression_weight * reg["total"], "reg": reg["reg"]}
+        logs = generator_update(losses, logs)
     bar.close()
     if counter.step > start:
         store.save(acc, **states)

@@ -143,7 +143,7 @@ def _dd2_train(cfg: Any, teacher: Any, tokenizer: Any, state: Any) -> Any:
             save_student(init, student_dir / "gts" / "final", settings)
     else:  # the ablation: the teacher-made AR-diffusion model, fresh head
         init = gts_cfg.initial_model(teacher, codebook)
-    generator, _, _ = train_csd(csd_cfg, teacher, codebook, init)
+    generator, _, _ = train_csd(csd_cfg, teacher, codebook, init, pairs=ds)
     if state.is_main_process:
         save_student(generator, student_dir / "final", settings)
     return generator

@@ -1,5 +1,6 @@
-"""Shared parts of the DD2 training tests (LlamaGen and VAR): a short GTS + CSD run as a subprocess on a tiny teacher
-of either family (:data:`tests.conftest.TINY_TEACHERS`), killed or not, and the saved weights it leaves."""
+"""Shared parts of the DD2 training tests (LlamaGen and VAR): a short GTS + CSD run (2 iterations of regression warm
+start, performance alignment at 3) as a subprocess on a tiny teacher of either family (:data:`tests.conftest.
+TINY_TEACHERS`), killed or not, and the saved weights it leaves."""
 
 from __future__ import annotations
 
@@ -33,11 +34,14 @@ teacher, cb = TINY_TEACHERS[family]({seed})
 sampling = {sampling!r}
 labels = torch.arange(32) % 10
 tokens = sample_tokens(teacher, labels, generator=torch.Generator().manual_seed(1), **sampling)
+noise = torch.randn(32, tokens.shape[1], cb.shape[1], generator=torch.Generator().manual_seed(2))
+pairs = torch.utils.data.StackDataset(noise=noise, tokens=tokens, condition_id=labels)
 small = dict(batch_size=4, draws=2, save_every=2, progress=False, sampling=sampling)
 gts, _ = train_gts(GTSConfig(output_dir=out + "/gts", max_steps=4, head_width=32, head_depth=1,
                              input_hidden={input_hidden!r}[family], **small), teacher, cb, tokens, labels)
 gen, guide, _ = train_csd(CSDConfig(output_dir=out + "/csd", max_iters=iters, guidance_steps=2, align_at=3,
-                                    align_guidance_steps=2, warmup_guidance_steps=4, **small), teacher, cb, gts)
+                                    align_guidance_steps=2, warmup_guidance_steps=4, regression_iters=2,
+                                    regression_weight=0.5, **small), teacher, cb, gts, pairs=pairs)
 import accelerate
 if accelerate.PartialState().is_main_process:
     gts.save_pretrained(out + "/gts/final")

@@ -12,12 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import StackDataset
 
 from distilled_decoding import DDStudent, LlamaGen, VQTokenizer
 from distilled_decoding.configs import ConfigError
 from distilled_decoding.dd2_training import CSDConfig, train_csd
 from distilled_decoding.flow import denoise, posterior_mean
-from distilled_decoding.losses import csd_generator_loss, draw_times_and_noise, gts_loss, guidance_loss
+from distilled_decoding.losses import (
+    csd_generator_loss,
+    draw_times_and_noise,
+    gts_loss,
+    guidance_loss,
+    regression_loss,
+)
 from distilled_decoding.sampling import sample_tokens
 from distilled_decoding.students.dd2 import ARDiffusion, DD2Generator
 from distilled_decoding.teacher_score import TeacherScore, teacher_logits
@@ -309,6 +316,59 @@ def test_a_finished_csd_run_can_be_extended(teacher, tmp_path):
                   cb, init)  # fmt: skip
 
 
+def test_regression_warm_start_then_csd(teacher, tmp_path):
+    """The regression settings: during the first ``regression_iters`` iterations only the generator trains (the
+    guidance network keeps its initial weights, no guidance update) and its loss on the pairs falls; a run stopped at
+    the end of the warm start and extended gives the weights of one run (CSD begins from the EMA weights on resume
+    too); missing or mismatched pairs are refused naming ``pairs``."""
+    gpt, cb = teacher
+    init = _model(gpt, cb, "posterior")
+    labels = torch.arange(16) % 10
+    tokens = sample_tokens(gpt, labels, generator=torch.Generator().manual_seed(1), cfg_scale=2.0)
+    noise = torch.randn(16, gpt.seq_len, 8, generator=torch.Generator().manual_seed(2))
+    pairs = StackDataset(noise=noise, tokens=tokens, condition_id=labels)
+    small = dict(batch_size=4, draws=2, guidance_steps=2, save_every=0, warmup_guidance_steps=2, progress=False,
+                 lr_generator=1e-3, regression_weight=0.5, sampling={"cfg_scale": 2.0})  # fmt: skip
+
+    def reg(gen) -> float:
+        with torch.no_grad():
+            return float(regression_loss(gen, noise, labels, tokens)["reg"])
+
+    before = reg(DD2Generator.from_ar_diffusion(init))
+    g, d, summary = train_csd(CSDConfig(output_dir=str(tmp_path / "warm"), max_iters=20, regression_iters=20,
+                                        **small), gpt, cb, init, pairs=pairs)  # fmt: skip
+    assert summary["guidance_updates"] == 0 and reg(g) < 0.9 * before, (before, reg(g))
+    assert all(torch.equal(a, b) for a, b in zip(d.state_dict().values(), init.state_dict().values()))
+    g5, d5, _ = train_csd(CSDConfig(output_dir=str(tmp_path / "one"), max_iters=5, regression_iters=3, **small), gpt,
+                          cb, init, pairs=pairs)  # fmt: skip
+    train_csd(CSDConfig(output_dir=str(tmp_path / "two"), max_iters=3, regression_iters=3, **small), gpt, cb, init,
+              pairs=pairs)  # fmt: skip
+    g, d, summary = train_csd(CSDConfig(output_dir=str(tmp_path / "two"), max_iters=5, regression_iters=3, **small),
+                              gpt, cb, init, pairs=pairs)  # fmt: skip
+    assert summary["steps"] == 5 and summary["guidance_updates"] == 4
+    for a, b in ((g5, g), (d5, d)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    with pytest.raises(ValueError, match=r"pairs: regression_iters / regression_weight need the teacher's flow-map "
+                       r"pairs .* with \(16, 8\) noise and \(16,\) tokens, got NoneType"):  # fmt: skip
+        train_csd(CSDConfig(output_dir=str(tmp_path / "x"), max_iters=5, regression_iters=3), gpt, cb, init)
+    with pytest.raises(ValueError, match=r"pairs: .* got items \{'noise': \(16, 4\), 'tokens': \(16,\)\}"):
+        train_csd(CSDConfig(output_dir=str(tmp_path / "x"), max_iters=5, regression_weight=1.0), gpt, cb, init,
+                  pairs=StackDataset(noise=noise[..., :4], tokens=tokens, condition_id=labels))  # fmt: skip
+    stranger = StackDataset(noise=noise, tokens=tokens, condition_id=labels)
+    stranger.root, stranger.teacher = "elsewhere/trajectories", {"class": "LlamaGen", "weights_sha256": "0" * 64}
+    with pytest.raises(ValueError, match=r"pairs \(elsewhere/trajectories\): built by another teacher \(weights "
+                       r"000000000000; given: LlamaGen weights"):  # fmt: skip
+        train_csd(CSDConfig(output_dir=str(tmp_path / "x"), max_iters=5, regression_weight=1.0), gpt, cb, init,
+                  pairs=stranger)  # fmt: skip
+    with pytest.raises(ValueError, match=r"align_at=2: expected null or an iteration in \[regression_iters"):
+        CSDConfig(max_iters=5, regression_iters=3, align_at=2)
+    assert not (tmp_path / "x").exists()
+    # runs saved before the regression settings existed keep their settings (and resume)
+    assert "regression_weight" not in CSDConfig().semantic()
+    assert CSDConfig(max_iters=5, regression_iters=3).semantic()["regression_iters"] == 3
+
+
 def test_an_unaligned_run_can_be_extended_with_performance_alignment(teacher, tmp_path):
     """3 iterations without alignment, then max_iters=5 with align_at=3: the weights of one run aligned at 3; an
     align_at that contradicts the checkpoint (passed without alignment, or a different alignment) is refused."""
@@ -361,7 +421,8 @@ def _tiny_job(saved_teacher, out: Path, *extra: str) -> list[str]:
             "trajectories.num_samples=64", "trajectories.batch_size=32", "trajectories.shard_size=32",
             "trajectories.store_noise=false", "dd2.gts.max_steps=3", "dd2.gts.batch_size=4", "dd2.gts.draws=2",
             "dd2.gts.head_width=32", "dd2.gts.head_depth=1", "dd2.gts.input_hidden=64", "dd2.gts.save_every=0",
-            "dd2.csd.max_iters=2", "dd2.csd.batch_size=4", "dd2.csd.draws=2", "dd2.csd.guidance_steps=1",
+            "dd2.csd.max_iters=2", "dd2.csd.regression_iters=1", "dd2.csd.regression_weight=0.5",
+            "dd2.csd.batch_size=4", "dd2.csd.draws=2", "dd2.csd.guidance_steps=1",
             "dd2.csd.save_every=0", "evaluate.num_images=20", "evaluate.batch_size=20", "evaluate.latency_repeats=0",
             "evaluate.skip=[4]", "dd2.euler_steps=2", *extra]  # fmt: skip
 
@@ -377,9 +438,9 @@ def saved_teacher(tmp_path_factory):
 
 
 def test_dd2_recipe_end_to_end(saved_teacher, tmp_path):
-    """``distill.method=dd2``: trajectories (tokens only) → GTS → CSD → pipeline → evaluation table with the DD2 rows
-    (1-step, two teacher-refined settings, the GTS model); the pipeline round trip; a second run with other DD2
-    settings is refused naming the differences; packaging the DD2 generator as a DD student is refused."""
+    """``distill.method=dd2``: trajectories → GTS → regression warm start and CSD → pipeline → evaluation table with
+    the DD2 rows (1-step, two teacher-refined settings, the GTS model); the pipeline round trip; a second run with
+    other DD2 settings is refused naming the differences; packaging the DD2 generator as a DD student is refused."""
     from distilled_decoding import DistilledDecodingPipeline
     from distilled_decoding.recipe import load_recipe_config, run
     from distilled_decoding.training_state import TrainingStateError
