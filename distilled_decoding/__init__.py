@@ -73,8 +73,8 @@ _EXPORTS = {
     "DD2VARGenerator": "distilled_decoding.students.dd2_var",
     "TeacherScore": "distilled_decoding.teacher_score",
     "teacher_logits": "distilled_decoding.teacher_score",
-    "GTSConfig": "distilled_decoding.dd2_training",
-    "CSDConfig": "distilled_decoding.dd2_training",
+    "GTSConfig": "distilled_decoding.dd2_config",
+    "CSDConfig": "distilled_decoding.dd2_config",
     "train_gts": "distilled_decoding.dd2_training",
     "train_csd": "distilled_decoding.dd2_training",
 }
@@ -150,7 +150,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from distilled_decoding.checkpoints import CheckpointError, load_state_dict_file
     from distilled_decoding.clip import clip_score
     from distilled_decoding.conditions import ClassCondition, TextCondition
-    from distilled_decoding.dd2_training import CSDConfig, GTSConfig, train_csd, train_gts
+    from distilled_decoding.dd2_config import CSDConfig, GTSConfig
+    from distilled_decoding.dd2_training import train_csd, train_gts
     from distilled_decoding.distill import DistillConfig, train_student
     from distilled_decoding.flow import noise_to_tokens
     from distilled_decoding.hub import HubReferenceError, resolve_file

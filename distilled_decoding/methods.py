@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from distilled_decoding.configs import ConfigError, ValidatedConfig
-from distilled_decoding.dd2_training import CSDConfig, GTSConfig
+from distilled_decoding.dd2_config import CSDConfig, GTSConfig
 
 __all__ = ["DD2Config", "METHODS", "Method", "get_method"]
 

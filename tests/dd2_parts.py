@@ -27,7 +27,8 @@ import sys, torch
 sys.path.insert(0, {root!r})
 torch.set_num_threads(1)
 from tests.conftest import TINY_TEACHERS
-from distilled_decoding.dd2_training import CSDConfig, GTSConfig, train_csd, train_gts
+from distilled_decoding.dd2_config import CSDConfig, GTSConfig
+from distilled_decoding.dd2_training import train_csd, train_gts
 from distilled_decoding.sampling import sample_tokens
 family, out, iters = sys.argv[1], sys.argv[2], int(sys.argv[3])
 teacher, cb = TINY_TEACHERS[family]({seed})

@@ -16,7 +16,8 @@ from torch.utils.data import StackDataset
 
 from distilled_decoding import DDStudent, LlamaGen, VQTokenizer
 from distilled_decoding.configs import ConfigError
-from distilled_decoding.dd2_training import CSDConfig, train_csd
+from distilled_decoding.dd2_config import CSDConfig
+from distilled_decoding.dd2_training import train_csd
 from distilled_decoding.flow import denoise, posterior_mean
 from distilled_decoding.losses import (
     csd_generator_loss,

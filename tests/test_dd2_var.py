@@ -13,7 +13,8 @@ import torch
 
 from distilled_decoding import VAR, DDVARStudent, DistilledDecodingPipeline
 from distilled_decoding.configs import ConfigError
-from distilled_decoding.dd2_training import CSDConfig, GTSConfig, train_csd, train_gts
+from distilled_decoding.dd2_config import CSDConfig, GTSConfig
+from distilled_decoding.dd2_training import train_csd, train_gts
 from distilled_decoding.losses import csd_generator_loss, draw_times_and_noise, gts_loss, guidance_loss
 from distilled_decoding.sampling import sample_tokens
 from distilled_decoding.students.dd2 import ARDiffusion, DD2Generator
